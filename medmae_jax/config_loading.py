@@ -1,0 +1,106 @@
+"""``--config file.py:arg`` loading and ``--config.a.b=value`` overrides with clear errors.
+
+A misspelt key fails with the key, the closest existing names and the file;
+a value that does not fit the field's type fails with both.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+from medmae_jax.errors import ConfigError
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """``path/to/config.py[:arg]`` -> ``get_config(arg)`` of that file."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found")
+    module_name = f"_medmae_config_{abs(hash(os.path.abspath(path)))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config(arg)")
+    config = module.get_config(arg or None)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+    return config
+
+
+def _coerce(key: str, old, raw: str):
+    if isinstance(old, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--config.{key}={raw}: expected a boolean (true/false)")
+    if isinstance(old, int):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={raw}: expected an integer") from None
+        if value != int(value):
+            raise ConfigError(f"--config.{key}={raw}: expected an integer")
+        return int(value)
+    if isinstance(old, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={raw}: expected a number") from None
+    if isinstance(old, (tuple, list)):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--config.{key}={raw}: expected a tuple such as (96,96,96)") from None
+        value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        return type(old)(value)
+    if old is None:
+        try:
+            return ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return raw
+    return raw
+
+
+def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
+    """Apply ``a.b=value`` to ``config`` in place; unknown keys are errors with suggestions."""
+    key, eq, raw = assignment.partition("=")
+    if not eq:
+        raise ConfigError(f"--config.{assignment}: expected --config.key=value")
+    node = config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(part, known, n=3)
+            where = ".".join(parts[:depth]) or "the config"
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"--config.{key}: {where} has no field {part!r}{hint}")
+        if depth < len(parts) - 1:
+            node = node[part]
+    last = parts[-1]
+    with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+        node[last] = _coerce(key, node[last], raw)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def config_from_args(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
+    config = load_config(spec)
+    for assignment in overrides:
+        apply_override(config, assignment)
+    return config

@@ -1,0 +1,43 @@
+"""Open the random-access data source a config names: synthetic (embedded) or a built TFDS data set."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from medmae_jax.data.datasets import synthetic
+from medmae_jax.errors import ConfigError
+
+SYNTHETIC = ("synthetic2d", "synthetic3d")
+
+# Synthetic splits are disjoint index ranges of one procedural stream (offset = seed shift).
+_SPLIT_SEED_OFFSET = {"train": 0, "validation": 1_000_003, "test": 2_000_003}
+
+
+def open_source(data: Mapping, split: str):
+    """A source with ``len`` and ``__getitem__`` returning dicts of numpy arrays."""
+    name = data["name"]
+    if name in SYNTHETIC:
+        if split not in _SPLIT_SEED_OFFSET:
+            raise ConfigError(f"unknown split {split!r} for {name}; use one of {sorted(_SPLIT_SEED_OFFSET)}")
+        num = data["num_train"] if split == "train" else data["num_eval"]
+        seed = data.get("seed", 0) + _SPLIT_SEED_OFFSET[split]
+        if name == "synthetic2d":
+            return synthetic.SyntheticChest2D(num, data["image_size"][0], seed)
+        return synthetic.SyntheticPhantom3D(num, tuple(data["volume_size"]), seed)
+    return open_tfds(data, split)
+
+
+def open_tfds(data: Mapping, split: str):
+    """``tfds.data_source`` over a data set built with ``medmae-jax build`` (array_record, no TensorFlow)."""
+    import tensorflow_datasets as tfds
+
+    data_dir = data.get("data_dir") or ""
+    if not data_dir or not os.path.isdir(data_dir):
+        raise ConfigError(f"data.data_dir {data_dir!r} does not exist: build the {data['name']} data set first "
+                          f"(see README: medmae-jax build ...) or use a synthetic data set")
+    name = data.get("tfds_name") or data["name"]
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as exc:  # tfds raises several types for a missing/unbuilt data set
+        raise ConfigError(f"cannot open TFDS data set {name!r} split {split!r} in {data_dir}: {exc}") from exc

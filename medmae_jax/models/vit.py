@@ -1,0 +1,376 @@
+"""N-dimensional Vision Transformer (2-D images and 3-D volumes from one code path).
+
+Inputs are channels-last: ``(B, H, W, C)`` or ``(B, D, H, W, C)``. Tokens are
+ordered row-major over the patch grid, the order PyTorch/MONAI produce after
+their channels-first ``flatten(2)``, so checkpoints convert without permuting
+tokens. The encoder returns ``(output, intermediates)``: every block's output is
+kept so UNETR can take its skip connections.
+
+Kernels carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv``,
+``patch``) that ``medmae_jax.train.mesh`` maps onto mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medmae_jax.models.masking import gather_tokens
+
+Dtype = Any
+
+# name -> (width, depth, mlp_dim, num_heads), as in the ViT/timm papers.
+VARIANTS = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    patch_size: Optional[int]
+
+
+def parse_variant(variant: str) -> VariantSpec:
+    """``"B/16"`` -> width 768, depth 12, mlp 3072, 12 heads, patch 16 (patch optional)."""
+    name, _, patch = variant.partition("/")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown ViT variant {variant!r}; known: {sorted(VARIANTS)} (e.g. 'B/16')")
+    width, depth, mlp_dim, heads = VARIANTS[name]
+    return VariantSpec(width, depth, mlp_dim, heads, int(patch) if patch else None)
+
+
+def _trunc_normal(stddev: float = 0.02):
+    return nn.initializers.truncated_normal(stddev=stddev)
+
+
+def _axes(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+# --------------------------------------------------------------------------
+# Fixed sin-cos position tables.
+# --------------------------------------------------------------------------
+def _sincos_1d(dim: int, positions: np.ndarray, temperature: float = 10000.0) -> np.ndarray:
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / temperature**omega
+    out = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+# Channel blocks of the table in the order of these spatial axes (see sincos_position_table).
+SINCOS_AXIS_ORDER = {"mae": None, "selfmedmae": (0, 1, 2), "monai": (1, 0, 2)}
+
+
+def sincos_position_table(grid: Sequence[int], dim: int, temperature: float = 10000.0,
+                          axis_order: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Fixed (L, dim) sin-cos table, row-major over ``grid``.
+
+    Each spatial axis gets ``dim // (2 * ndim)`` frequencies as a [sin, cos]
+    block; ``axis_order`` says which axis fills the first block, and so on.
+    Defaults follow the references: 2-D ``(1, 0)`` (column first: official MAE
+    ``get_2d_sincos_pos_embed`` and MONAI agree), 3-D ``(0, 1, 2)`` (SelfMedMAE's
+    ``build_3d_sincos_position_embedding``). MONAI's 3-D table uses ``(1, 0, 2)``.
+    """
+    grid = tuple(int(g) for g in grid)
+    nd = len(grid)
+    if nd not in (1, 2, 3):
+        raise ValueError(f"sin-cos tables exist for 1-, 2- and 3-D grids, got {grid}")
+    if dim % (2 * nd):
+        raise ValueError(f"{nd}-D sin-cos table needs dim divisible by {2 * nd}, got {dim}")
+    if axis_order is None:
+        axis_order = {1: (0,), 2: (1, 0), 3: (0, 1, 2)}[nd]
+    if sorted(axis_order) != list(range(nd)):
+        raise ValueError(f"axis_order {tuple(axis_order)} is not a permutation of the {nd} grid axes")
+    coords = np.meshgrid(*[np.arange(g, dtype=np.float64) for g in grid], indexing="ij")
+    return np.concatenate([_sincos_1d(dim // nd, coords[a], temperature) for a in axis_order], 1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------
+# Patchify / unpatchify.
+# --------------------------------------------------------------------------
+def patchify(images: jax.Array, patch_size: Sequence[int]) -> jax.Array:
+    """(B, *spatial, C) -> (B, L, prod(patch) * C); pixels within a patch in (p, q[, r], c) order."""
+    b, *spatial, c = images.shape
+    nd = len(spatial)
+    patch_size = tuple(patch_size)
+    grid = [s // p for s, p in zip(spatial, patch_size)]
+    if any(s % p for s, p in zip(spatial, patch_size)):
+        raise ValueError(f"spatial shape {tuple(spatial)} is not divisible by patch {patch_size}")
+    shape = [b]
+    for g, p in zip(grid, patch_size):
+        shape += [g, p]
+    x = images.reshape(*shape, c)
+    # (b, g0, p0, g1, p1, ..., c) -> (b, g0, g1, ..., p0, p1, ..., c)
+    perm = [0] + [1 + 2 * i for i in range(nd)] + [2 + 2 * i for i in range(nd)] + [1 + 2 * nd]
+    x = x.transpose(perm)
+    return x.reshape(b, math.prod(grid), math.prod(patch_size) * c)
+
+
+def unpatchify(patches: jax.Array, patch_size: Sequence[int], spatial: Sequence[int], channels: int) -> jax.Array:
+    """Inverse of :func:`patchify`."""
+    b = patches.shape[0]
+    nd = len(spatial)
+    grid = [s // p for s, p in zip(spatial, patch_size)]
+    x = patches.reshape(b, *grid, *patch_size, channels)
+    perm = [0]
+    for i in range(nd):
+        perm += [1 + i, 1 + nd + i]
+    perm.append(1 + 2 * nd)
+    return x.transpose(perm).reshape(b, *spatial, channels)
+
+
+# --------------------------------------------------------------------------
+# Layers.
+# --------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens; ``conv`` (strided conv) or ``perceptron`` (Linear on flattened patches)."""
+
+    patch_size: Sequence[int]
+    width: int
+    kind: str = "conv"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        patch = tuple(self.patch_size)
+        nd = len(patch)
+        if x.ndim != nd + 2:
+            raise ValueError(f"expected a {nd}-D input (B, *spatial, C) for patch {patch}, got shape {x.shape}")
+        if self.kind == "conv":
+            y = nn.Conv(
+                self.width, kernel_size=patch, strides=patch, padding="VALID", dtype=self.dtype,
+                param_dtype=self.param_dtype, name="proj",
+                kernel_init=_axes(nn.initializers.lecun_normal(), (None,) * (nd + 1) + ("embed",)),
+                bias_init=_axes(nn.initializers.zeros, ("embed",)),
+            )(x)
+            return y.reshape(y.shape[0], -1, self.width)
+        if self.kind == "perceptron":
+            tokens = patchify(x, patch)
+            return nn.Dense(
+                self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="proj",
+                kernel_init=_axes(nn.initializers.lecun_normal(), ("patch", "embed")),
+                bias_init=_axes(nn.initializers.zeros, ("embed",)),
+            )(tokens)
+        raise ValueError(f"unknown patch embedding {self.kind!r}; use 'conv' or 'perceptron'")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused (3, heads, head_dim) qkv projection."""
+
+    num_heads: int
+    qkv_bias: bool = True
+    attn_dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
+        head_dim = width // self.num_heads
+        qkv = nn.DenseGeneral(
+            (3, self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_axes(nn.initializers.xavier_uniform(), ("embed", None, "heads", "kv")),
+            bias_init=_axes(nn.initializers.zeros, (None, "heads", "kv")), name="qkv",
+        )(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.attn_dropout > 0.0 and train:
+            # Explicit path: dot_product_attention has no dropout.
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+            weights = nn.Dropout(self.attn_dropout)(weights, deterministic=False)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v)
+        return nn.DenseGeneral(
+            width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_axes(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+            bias_init=_axes(nn.initializers.zeros, ("embed",)), name="proj",
+        )(out)
+
+
+class Mlp(nn.Module):
+    mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        width = x.shape[-1]
+        h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
+                     kernel_init=_axes(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+                     bias_init=_axes(nn.initializers.zeros, ("mlp",)))(x)
+        h = nn.gelu(h, approximate=False)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
+                     kernel_init=_axes(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+                     bias_init=_axes(nn.initializers.zeros, ("embed",)))(h)
+        return nn.Dropout(self.dropout)(h, deterministic=not train)
+
+
+def _layer_norm(eps, dtype, param_dtype, name):
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=_axes(nn.initializers.ones, ("embed",)),
+                        bias_init=_axes(nn.initializers.zeros, ("embed",)))
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block with stochastic depth (rng stream ``droppath``)."""
+
+    num_heads: int
+    mlp_dim: int
+    qkv_bias: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    layer_norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        drop_path = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)), rng_collection="droppath")
+        h = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")(x)
+        h = Attention(self.num_heads, self.qkv_bias, self.attn_dropout, self.dtype, self.param_dtype, name="attn")(h, train=train)
+        x = x + drop_path(h, deterministic=not train)
+        h = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")(x)
+        h = Mlp(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name="mlp")(h, train=train)
+        return x + drop_path(h, deterministic=not train)
+
+
+class Transformer(nn.Module):
+    """A stack of blocks; returns (final-normed output or raw output, [every block's output])."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    qkv_bias: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    layer_norm_eps: float = 1e-6
+    final_norm: bool = True
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False):
+        block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        intermediates = []
+        for i in range(self.depth):
+            # Linearly increasing drop-path rate, as in timm/MAE.
+            rate = self.drop_path * i / max(self.depth - 1, 1)
+            x = block_cls(self.num_heads, self.mlp_dim, self.qkv_bias, self.dropout, self.attn_dropout, rate,
+                          self.layer_norm_eps, self.dtype, self.param_dtype, name=f"block_{i}")(x, train)
+            intermediates.append(x)
+        if self.final_norm:
+            x = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")(x)
+        return x, intermediates
+
+
+class ViT(nn.Module):
+    """ViT encoder for 2-D or 3-D inputs (the dimensionality comes from ``patch_size``).
+
+    ``keep_indices`` (B, K) selects the visible tokens after the position table
+    is added (MAE pre-training); the cls token, if any, is prepended afterwards.
+    Returns ``(tokens, intermediates)``; ``tokens`` includes the cls slot first.
+    """
+
+    patch_size: Sequence[int]
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    patch_embed: str = "conv"          # 'conv' | 'perceptron'
+    cls_token: bool = True
+    pos_embed: str = "learn"           # 'learn' (param) | 'sincos' (fixed table) | 'none'
+    pos_embed_init: str = "sincos"     # initial value of a learnable table: 'sincos' | 'normal'
+    pos_axis_order: Optional[Sequence[int]] = None  # sin-cos channel blocks per axis (None: reference default)
+    qkv_bias: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    layer_norm_eps: float = 1e-6
+    final_norm: bool = True
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def grid(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        bad = [s for s, p in zip(spatial, self.patch_size) if s % p]
+        if bad or len(spatial) != len(self.patch_size):
+            raise ValueError(f"input spatial shape {tuple(spatial)} must be divisible by patch {tuple(self.patch_size)}")
+        return tuple(s // p for s, p in zip(spatial, self.patch_size))
+
+    def position_table(self, grid: Sequence[int]) -> jax.Array:
+        """(1, prefix + L, width) with a zero cls slot, as stored by timm/MAE."""
+        table = sincos_position_table(grid, self.width, axis_order=self.pos_axis_order)
+        if self.cls_token:
+            table = np.concatenate([np.zeros((1, self.width), np.float32), table], 0)
+        return jnp.asarray(table[None])
+
+    def _pos(self, grid):
+        n = math.prod(grid) + int(self.cls_token)
+        if self.pos_embed == "none":
+            return None
+        if self.pos_embed == "sincos":
+            return self.position_table(grid).astype(self.dtype)
+        if self.pos_embed != "learn":
+            raise ValueError(f"unknown pos_embed {self.pos_embed!r}; use 'learn', 'sincos' or 'none'")
+        if self.pos_embed_init == "sincos":
+            init = lambda *_: self.position_table(grid).astype(self.param_dtype)
+        else:
+            init = _trunc_normal(0.02)
+        return self.param("pos_embedding", _axes(init, (None, None, "embed")), (1, n, self.width), self.param_dtype)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False, keep_indices: Optional[jax.Array] = None):
+        grid = self.grid(x.shape[1:-1])
+        tokens = PatchEmbed(self.patch_size, self.width, self.patch_embed, self.dtype, self.param_dtype,
+                            name="patch_embed")(x)
+        pos = self._pos(grid)
+        prefix = int(self.cls_token)
+        if pos is not None:
+            tokens = tokens + pos[:, prefix:].astype(tokens.dtype)
+        if keep_indices is not None:
+            tokens = gather_tokens(tokens, keep_indices)
+        if self.cls_token:
+            cls = self.param("cls_token", _axes(_trunc_normal(0.02), (None, None, "embed")), (1, 1, self.width),
+                             self.param_dtype)
+            if pos is not None:
+                cls = cls + pos[:, :1]
+            tokens = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, self.width)).astype(tokens.dtype),
+                                      tokens], axis=1)
+        tokens = nn.Dropout(self.dropout)(tokens, deterministic=not train)
+        return Transformer(self.depth, self.num_heads, self.mlp_dim, self.qkv_bias, self.dropout, self.attn_dropout,
+                           self.drop_path, self.layer_norm_eps, self.final_norm, self.remat, self.dtype,
+                           self.param_dtype, name="transformer")(tokens, train)
+
+
+def vit_kwargs(variant: Optional[str] = None, **overrides) -> dict:
+    """Keyword arguments for :class:`ViT` from a variant string plus explicit overrides (None = keep)."""
+    kw: dict = {}
+    if variant:
+        spec = parse_variant(variant)
+        kw.update(width=spec.width, depth=spec.depth, mlp_dim=spec.mlp_dim, num_heads=spec.num_heads)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return kw

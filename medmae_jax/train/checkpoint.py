@@ -1,0 +1,70 @@
+"""Orbax checkpoints of the train state plus a JSON record (step, seed, data position, config).
+
+Saves are atomic (orbax writes to a temporary directory and renames it when
+complete), so a run killed at any moment resumes from the latest *complete*
+step. ``restore_params`` reads only the parameters of any checkpoint, for
+fine-tuning initialisation and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from medmae_jax.errors import ConfigError
+
+STATE, META = "state", "meta"
+
+
+def manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=(STATE, META))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    return mngr.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                                      META: ocp.args.JsonSave(meta)}), force=force)
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restore ``step`` into the shapes/dtypes/shardings of ``abstract_state`` (ShapeDtypeStructs)."""
+    out = mngr.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
+                                                        META: ocp.args.JsonRestore()}))
+    return out[STATE], dict(out[META])
+
+
+def find_checkpoint(path: str) -> tuple[str, int]:
+    """(checkpoints directory, step) from a workdir, its ``checkpoints`` dir or one step dir (latest step)."""
+    p = epath.Path(path)
+    candidates = [p / "checkpoints", p]
+    for directory in candidates:
+        if directory.is_dir():
+            steps = sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / STATE).exists())
+            if steps:
+                return str(directory), steps[-1]
+    if p.name.isdigit() and (p / STATE).exists():
+        return str(p.parent), int(p.name)
+    raise ConfigError(f"{path}: no complete checkpoint found (expected a workdir, its checkpoints/ folder, "
+                      f"or a step folder containing '{STATE}/')")
+
+
+def restore_params(path: str) -> tuple[Any, dict]:
+    """Host numpy params and the JSON record of the latest checkpoint under ``path`` (no target structure needed)."""
+    directory, step = find_checkpoint(path)
+    step_dir = epath.Path(directory) / str(step)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.restore(step_dir / STATE)
+    meta_path = step_dir / META / "metadata"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    params = tree["params"] if isinstance(tree, dict) and "params" in tree else tree
+    return params, meta
