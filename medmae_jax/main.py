@@ -1,4 +1,4 @@
-"""Command line: ``medmae-jax train|evaluate|demo|benchmark ...``.
+"""Command line: ``medmae-jax train|evaluate|predict|reconstruct|demo|benchmark|convert|build ...``.
 
 Configs are ``--config path/to/file.py[:arg]`` plus any number of
 ``--config.key=value`` overrides (checked against the config's fields).
@@ -7,75 +7,35 @@ Configs are ``--config path/to/file.py[:arg]`` plus any number of
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import sys
 
+from medmae_jax.cli import COMMANDS
 from medmae_jax.errors import MedMAEError
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     rest, overrides = [], []
     for arg in argv:
-        if arg.startswith("--config."):
-            overrides.append(arg[len("--config."):])
-        else:
-            rest.append(arg)
+        (overrides.append(arg[len("--config."):]) if arg.startswith("--config.") else rest.append(arg))
     return rest, overrides
-
-
-def _config(args, overrides):
-    from medmae_jax.config_loading import config_from_args
-    return config_from_args(args.config, overrides)
-
-
-def cmd_train(args, overrides) -> int:
-    from medmae_jax.train.trainer import train_and_evaluate
-    config = _config(args, overrides)
-    result = train_and_evaluate(config, args.workdir)
-    print(json.dumps({"step": result.last_step, "total_steps": result.total_steps, "preempted": result.preempted,
-                      "eval": result.eval_metrics, "wall_seconds": round(result.wall_seconds, 1)}))
-    return 143 if result.preempted else 0
-
-
-def cmd_demo(args, overrides) -> int:
-    from medmae_jax.demo import run_demo
-    summary = run_demo(args.workdir, quick=args.quick)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def cmd_benchmark(args, overrides) -> int:
-    from medmae_jax.benchmark import run_benchmark
-    config = _config(args, overrides)
-    run_benchmark(config, against=args.against, steps=args.steps, warmup=args.warmup, threads=args.threads,
-                  batch_sizes=args.batch_size)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medmae-jax", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="WARNING", help="Python logging level")
+    parser.add_argument("--log-level", default="WARNING", help="Python logging level (INFO shows progress details)")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train (or resume) from a config; --config.key=value overrides")
-    p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard files go here")
-    p.set_defaults(fn=cmd_train)
-
-    p = sub.add_parser("demo", help="small 2-D and 3-D MAE pre-training on the embedded synthetic data")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
-    p.set_defaults(fn=cmd_demo)
-
-    p = sub.add_parser("benchmark", help="train-step throughput (steps/s, examples/s, FLOPs, MFU)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--against", choices=["monai"], default=None, help="also time the PyTorch/MONAI peer")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0: all cores)")
-    p.add_argument("--batch-size", type=int, nargs="*", default=None, help="batch sizes to measure")
-    p.set_defaults(fn=cmd_benchmark)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"medmae_jax.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"medmae_jax.cli.{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
     return parser
 
 
@@ -89,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medmae-jax {args.command}: --config.* overrides need --config", file=sys.stderr)
         return 2
     try:
-        return args.fn(args, overrides)
+        return args.run(args, overrides)
     except MedMAEError as exc:
         print(f"medmae-jax {args.command}: error: {exc}", file=sys.stderr)
         return 2

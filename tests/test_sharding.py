@@ -22,8 +22,7 @@ t = Trainer(c, "{workdir}")
 state = t.init_state()
 local = t.batches(0).load(0)
 batch = t.device_batch(local)
-with t.mesh:
-    (loss, _), grads = t.loss_and_grads(state, batch, t.base_rng)
+(loss, _), grads = t.loss_and_grads(state, batch, t.base_rng)
 flat = {{"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(grads)).items()}}
 np.savez("{out}", loss=np.asarray(loss), **flat)
 # Where the parameters and the optimizer state live.

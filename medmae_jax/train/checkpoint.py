@@ -58,13 +58,18 @@ def find_checkpoint(path: str) -> tuple[str, int]:
                       f"or a step folder containing '{STATE}/')")
 
 
+def read_meta(directory: str, step: int) -> dict:
+    """The JSON record saved with ``step`` (empty if absent)."""
+    meta_path = epath.Path(directory) / str(step) / META / "metadata"
+    return json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+
 def restore_params(path: str) -> tuple[Any, dict]:
     """Host numpy params and the JSON record of the latest checkpoint under ``path`` (no target structure needed)."""
     directory, step = find_checkpoint(path)
     step_dir = epath.Path(directory) / str(step)
     with ocp.PyTreeCheckpointer() as ckptr:
         tree = ckptr.restore(step_dir / STATE)
-    meta_path = step_dir / META / "metadata"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = read_meta(directory, step)
     params = tree["params"] if isinstance(tree, dict) and "params" in tree else tree
     return params, meta

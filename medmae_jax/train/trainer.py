@@ -225,8 +225,7 @@ class Trainer:
                 step = start
                 while step < self.total_steps:
                     batch = self.device_batch(next(loader))
-                    with self.mesh:
-                        state, metrics = self.train_step(state, batch, base_rng)
+                    state, metrics = self.train_step(state, batch, base_rng)
                     step += 1
                     if pending is not None:
                         self._check(pending, mngr, losses, window)
@@ -285,12 +284,33 @@ class Trainer:
         window.append({k: float(v) for k, v in host.items() if k != "finite"})
 
     def _evaluate(self, state, step, writer) -> dict:
-        with self.mesh:
-            metrics = self.task.evaluate(state.params, self.mesh, step)
+        metrics = self.task.evaluate(state.params, self.mesh, step)
         if metrics:
             writer.write(step, metrics, prefix="eval")
             logging.info("step %d eval: %s", step, metrics)
+            self._keep_best(state, step, metrics)
         return metrics
+
+    def _keep_best(self, state, step, metrics):
+        """Save to ``workdir/best`` whenever the task's selection metric improves."""
+        name, mode = self.task.best_metric, self.task.best_mode
+        value = metrics.get(name) if name else None
+        if value is None or not np.isfinite(value):
+            return
+        best_dir = os.path.join(self.workdir, "best")
+        mngr = ckpt_lib.manager(best_dir, keep=1, async_save=False)
+        try:
+            latest = mngr.latest_step()
+            if latest is not None:
+                previous = ckpt_lib.read_meta(best_dir, latest).get("best", {}).get("value")
+                if previous is not None and (value <= previous if mode == "max" else value >= previous):
+                    return
+            meta = dict(self.meta(step), best={"metric": name, "value": float(value), "mode": mode})
+            ckpt_lib.save(mngr, step, state, meta, force=True)
+            logging.info("step %d: new best %s = %.4f saved in %s", step, name, value, best_dir)
+        finally:
+            mngr.wait_until_finished()
+            mngr.close()
 
 
 def _mean(window: list[dict]) -> dict:
