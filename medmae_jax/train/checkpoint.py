@@ -13,6 +13,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -69,7 +70,10 @@ def restore_params(path: str) -> tuple[Any, dict]:
     directory, step = find_checkpoint(path)
     step_dir = epath.Path(directory) / str(step)
     with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.restore(step_dir / STATE)
+        metadata = ckptr.metadata(step_dir / STATE)
+        structure = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
+        tree = ckptr.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
     meta = read_meta(directory, step)
     params = tree["params"] if isinstance(tree, dict) and "params" in tree else tree
     return params, meta

@@ -163,7 +163,7 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch: dict, base_rng: jax.Array):
         (loss, metrics), grads = self._loss_and_grads(state, batch, base_rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
