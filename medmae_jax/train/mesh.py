@@ -17,7 +17,6 @@ from typing import Any, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from medmae_jax.errors import ConfigError
@@ -57,11 +56,12 @@ def mesh_shape(config_mesh: Mapping[str, int], num_devices: int) -> tuple[int, .
 def make_mesh(config_mesh: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(config_mesh, len(devices))
-    try:
-        device_array = mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # CPU / unusual topologies: plain order is fine.
-        device_array = np.asarray(devices).reshape(shape)
-    return Mesh(device_array, MESH_AXES)
+    # Auto axes: the jit in/out shardings decide the layout (newer JAX may default to Explicit axes).
+    auto = (jax.sharding.AxisType.Auto,) * len(shape) if hasattr(jax.sharding, "AxisType") else None
+    try:  # topology-aware device order (ICI rings on TPU, NVLink islands on GPU)
+        return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
+    except Exception:  # unusual topologies: plain order is fine
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
 def rules_from_config(rules: Optional[Sequence] = None) -> tuple:
