@@ -13,6 +13,9 @@ SYNTHETIC = ("synthetic2d", "synthetic3d")
 # Synthetic splits are disjoint index ranges of one procedural stream (offset = seed shift).
 _SPLIT_SEED_OFFSET = {"train": 0, "validation": 1_000_003, "test": 2_000_003}
 
+# Small data sets read straight from their files into memory (no TFDS build): name -> "module:function(data, split)".
+IN_MEMORY = {"nih1000": "medmae_jax.experiments.cxr14_mini:open_nih1000"}
+
 
 def open_source(data: Mapping, split: str):
     """A source with ``len`` and ``__getitem__`` returning dicts of numpy arrays."""
@@ -25,6 +28,10 @@ def open_source(data: Mapping, split: str):
         if name == "synthetic2d":
             return synthetic.SyntheticChest2D(num, data["image_size"][0], seed)
         return synthetic.SyntheticPhantom3D(num, tuple(data["volume_size"]), seed)
+    if name in IN_MEMORY:
+        import importlib
+        module, fn = IN_MEMORY[name].split(":")
+        return getattr(importlib.import_module(module), fn)(data, split)
     return open_tfds(data, split)
 
 
