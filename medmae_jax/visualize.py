@@ -52,8 +52,7 @@ def save_reconstruction_figure(path: str, images, pred, mask, patch_size: Sequen
     else:
         columns = [(i, axis) for i in range(min(len(images), 2)) for axis in range(3)]
     fig, axes = plt.subplots(3, len(columns), figsize=(2.2 * len(columns), 6.8), squeeze=False)
-    cmap = plt.get_cmap("gray").copy()
-    cmap.set_bad("#3a5f8f")  # hidden patches
+    cmap = plt.get_cmap("gray").with_extremes(bad="#3a5f8f")  # hidden patches drawn in blue
     for r, (name, volume) in enumerate(rows):
         for c, (i, axis) in enumerate(columns):
             img, hidden = volume[i, ..., 0], mask_pixels[i, ..., 0]
