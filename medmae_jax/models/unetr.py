@@ -63,6 +63,31 @@ def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def conv3d_via_2d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                  feature_group_count=1, precision=None, **kwargs):
+    """``lax.conv_general_dilated`` for ``nn.Conv``; on CPU a stride-1 channels-last 3-D conv runs as one 2-D conv
+    over depth-stacked channels (out[d] = sum_i x[d + i] * k[i]), which XLA:CPU does ~3x faster than its 3-D conv
+    (forward and backward). Same parameters and result up to float rounding; other cases go to ``lax`` unchanged."""
+    channels_last = (dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 4, 1, 2, 3)
+                     and tuple(dimension_numbers.rhs_spec) == (4, 3, 0, 1, 2)
+                     and tuple(dimension_numbers.out_spec) == (0, 4, 1, 2, 3))
+    if not (channels_last and jax.default_backend() == "cpu" and rhs.shape[0] > 1 and not kwargs
+            and tuple(window_strides) == (1, 1, 1) and not isinstance(padding, str) and feature_group_count == 1
+            and all(v == 1 for v in (lhs_dilation or ())) and all(v == 1 for v in (rhs_dilation or ()))):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                            feature_group_count=feature_group_count, precision=precision, **kwargs)
+    (before, after), kd = tuple(padding[0]), rhs.shape[0]
+    b, d, h, w, c = lhs.shape
+    out_d = d + before + after - kd + 1
+    x = jnp.pad(lhs, ((0, 0), (before, after), (0, 0), (0, 0), (0, 0)))
+    x = jnp.concatenate([x[:, i:i + out_d] for i in range(kd)], axis=-1).reshape(b * out_d, h, w, kd * c)
+    kernel = jnp.moveaxis(rhs, 0, 2).reshape(rhs.shape[1], rhs.shape[2], kd * c, rhs.shape[-1])
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), tuple(tuple(p) for p in padding[1:]),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    return y.reshape(b, out_d, *y.shape[1:])
+
+
 class _ConvFactory:
     """Builds the decoder's convs and upsamplings with a shared dtype, init and logical axis names."""
 
@@ -74,7 +99,7 @@ class _ConvFactory:
         return nn.Conv(features, (kernel,) * self.nd, padding=((pad, pad),) * self.nd, use_bias=bias,
                        dtype=self.dtype, param_dtype=self.param_dtype, name=name,
                        kernel_init=_axes(_torch_conv_init, (None,) * (self.nd + 2)),
-                       bias_init=_axes(nn.initializers.zeros, (None,)))
+                       bias_init=_axes(nn.initializers.zeros, (None,)), conv_general_dilated=conv3d_via_2d)
 
     def up(self, features: int, name: str, from_embed: bool = False) -> "UpConv":
         return UpConv(features, from_embed=from_embed, dtype=self.dtype, param_dtype=self.param_dtype, name=name)

@@ -1,0 +1,51 @@
+"""medmae-jax benchmark: steps/s, FLOPs, MFU and peak memory of a config's step, optionally beside MONAI."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from medmae_jax.cli.common import add_config_argument
+
+HELP = ("time a config's jitted train step (or sliding-window inference) and print one JSON line per setting; "
+        "--against monai times the PyTorch/MONAI peer alternately on the same threads")
+
+
+def add_arguments(parser):
+    add_config_argument(parser)
+    parser.add_argument("--what", default="train", choices=("train", "unetr_train", "sliding_window"),
+                        help="train: the config's task step through the trainer (MAE for pre-training configs); "
+                             "unetr_train: a UNETR + Dice/CE + AdamW step with the config's ViT sizes; "
+                             "sliding_window: UNETR sliding-window inference over a whole volume")
+    parser.add_argument("--against", choices=("monai",), default=None,
+                        help="also time the PyTorch/MONAI peer (needs the [parity] extra) and print the ratio")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[None],
+                        help="one or more batch sizes (default: the config's; sliding window: volumes, default 1)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per round (default 5; sliding window 1 volume)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps including the compiling one")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for each framework (default: every CPU this process may use)")
+    parser.add_argument("--volume", type=int, nargs=3, default=(192, 192, 128), metavar=("D", "H", "W"),
+                        help="sliding window: volume size (default 192 192 128, a CT after resampling)")
+    parser.add_argument("--sw-batch-size", type=int, default=2, help="sliding window: windows per model call")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding window: window overlap")
+    parser.add_argument("--num-classes", type=int, default=14, help="UNETR output channels (BTCV: 14)")
+    parser.add_argument("--feature-size", type=int, default=16, help="UNETR decoder feature size")
+
+
+def run(args, overrides) -> int:
+    from medmae_jax.benchmark import Settings, run_benchmark
+
+    steps = args.steps if args.steps is not None else (1 if args.what == "sliding_window" else 5)
+    settings = Settings(config=args.config, overrides=tuple(overrides), what=args.what, against=args.against,
+                        batch_sizes=tuple(args.batch_size), steps=steps, warmup=args.warmup, rounds=args.rounds,
+                        threads=args.threads, volume=tuple(args.volume), sw_batch_size=args.sw_batch_size,
+                        overlap=args.overlap, num_classes=args.num_classes, feature_size=args.feature_size)
+
+    def emit(record):
+        print(json.dumps(record), flush=True)
+
+    run_benchmark(settings, emit=emit, log=lambda s: print(s, file=sys.stderr, flush=True))
+    return 0
