@@ -295,7 +295,7 @@ def run_benchmark(settings: Settings, emit: Optional[Callable[[dict], None]] = N
         for framework, _ in frameworks:
             info = dict(infos[framework])
             if framework != "jax":  # same model and configuration: the FLOPs are the JAX program's
-                for key in ("flops_per_example", "xla_flops_per_example"):
+                for key in ("flops_per_example", "xla_flops_per_example", "num_windows"):
                     info[key] = infos["jax"].get(key)
                 info["flops_source"] = "the JAX record's count for the same configuration"
                 info["peak_tflops"] = measure.peak_tflops(info.get("device_kind", ""), config.model.dtype)

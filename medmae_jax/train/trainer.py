@@ -165,11 +165,16 @@ class Trainer:
         (loss, metrics), grads = self._loss_and_grads(state, batch, base_rng)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        # A non-finite step changes nothing, so the state (and any later checkpoint) stays good.
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+
+        def update(state):
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+
+        # A non-finite step changes nothing, so the state (and any later checkpoint) stays good. A cond, not a
+        # jnp.where over the state: the where keeps old and new state alive together, costing copies of the whole
+        # donated state every step (+45% step time for ViT-B MAE on CPU); the cond updates it in place.
+        new = jax.lax.cond(finite, update, lambda state: state, state)
         metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state.step), finite=finite)
         return new, metrics
 
