@@ -41,8 +41,8 @@ def test_round_trip_jax_torch_layout_jax_is_exact(tmp_path, dims, layout, capsys
     assert meta["config"]["model"]["width"] == c.model.width and meta["layout"] == layout
 
 
-def test_converted_checkpoint_resumes_as_pretraining_init(tmp_path, capsys):
-    """A converted MAE continues pre-training through the normal CLI (weights actually loaded)."""
+def test_converted_checkpoint_records_its_model(tmp_path, capsys):
+    """A converted checkpoint folder describes the model it holds (layout and sizes) in model.json."""
     c = tiny_pretrain_config(2, steps=1)
     train_and_evaluate(c, str(tmp_path / "run"))
     main(["convert", "--to", "torch", "--layout", "fair-mae", str(tmp_path / "run"), str(tmp_path / "w.safetensors")])

@@ -755,6 +755,14 @@ class Layout:
     def to_torch(self, params: Any, config: Optional[Mapping] = None) -> StateDict:
         raise NotImplementedError
 
+    def _start(self, state_dict, hints) -> tuple["_Reader", list, dict]:
+        """Checked hints, a reader that already ignores this layout's known-unused keys, empty notes."""
+        _check_hints(hints)
+        reader = _Reader(state_dict, self.name)
+        for pattern in getattr(self, "ignore_patterns", ()):
+            reader.ignore_matching(pattern)
+        return reader, [], {}
+
     def __repr__(self) -> str:
         return f"<layout {self.name}>"
 
@@ -766,12 +774,7 @@ class _MAELayout(Layout):
     ignore_patterns: tuple = ()
 
     def to_jax(self, state_dict, *, strict=False, config=None, **hints):
-        _check_hints(hints)
-        reader = _Reader(state_dict, self.name)
-        for pattern in self.ignore_patterns:
-            reader.ignore_matching(pattern)
-        assumed: list = []
-        options: dict = {}
+        reader, assumed, options = self._start(state_dict, hints)
         enc_params, enc, info = _encoder_to_jax(reader, self.enc_keys, hints, config, assumed, fixed_pos=True)
         dec_params, dec = _decoder_to_jax(reader, self.dec_keys, hints, config, assumed, enc, info, options)
         cfg = _base_config(self.name, "mae", enc, info, options, assumed)
@@ -844,12 +847,7 @@ class _ViTLayout(Layout):
         return {}
 
     def to_jax(self, state_dict, *, strict=False, config=None, **hints):
-        _check_hints(hints)
-        reader = _Reader(state_dict, self.name)
-        for pattern in self.ignore_patterns:
-            reader.ignore_matching(pattern)
-        assumed: list = []
-        options: dict = {}
+        reader, assumed, options = self._start(state_dict, hints)
         enc_params, enc, info = _encoder_to_jax(reader, self.enc_keys, hints, config, assumed, fixed_pos=False)
         head_params, head = self._head_to_jax(reader, enc, hints, config, assumed, options)
         model = "classifier" if head is not None else "vit"
