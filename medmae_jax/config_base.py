@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_train_steps = -1         # ... unless > 0: exact number of steps (overrides num_epochs)
     c.log_every_steps = 50         # metrics to metrics.jsonl / TensorBoard every N steps
     c.eval_every_steps = -1        # evaluation every N steps (<= 0: only at the end)
-    c.progress_bar = True          # tqdm bar with steps/s and ETA on the console
+    c.progress_bar = True          # tqdm bar with steps/s and ETA on stderr (off with --no-progress or no terminal)
+    c.summary_images = True        # TensorBoard images at each evaluation (MAE reconstructions, segmentation overlays)
     c.init = "scratch"             # fine-tuning init: scratch | mae (a pre-training workdir or checkpoint) | imagenet
     c.init_checkpoint = ""         # path for init=mae|imagenet: a workdir, an orbax checkpoint step, or a converted dir
 
@@ -124,6 +125,5 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.num_train_steps = 6
     c.log_every_steps = 2
     c.checkpoint.every_steps = 3
-    c.progress_bar = False
     c.optimizer.warmup_steps = 2
     return c

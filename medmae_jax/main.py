@@ -12,6 +12,7 @@ import logging
 import sys
 
 from medmae_jax.cli import COMMANDS
+from medmae_jax.console import set_progress
 from medmae_jax.errors import MedMAEError
 
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
+        p.add_argument("--no-progress", action="store_true",
+                       help="no progress bars (they are also off when stderr is not a terminal)")
         p.set_defaults(run=module.run)
     return parser
 
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(message)s")
+    set_progress(not args.no_progress)
     if overrides and not hasattr(args, "config"):
         print(f"medmae-jax {args.command}: --config.* overrides need --config", file=sys.stderr)
         return 2

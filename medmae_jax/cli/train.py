@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from medmae_jax.cli.common import add_config_argument, load
+from medmae_jax.console import print_wrote, run_outputs
 
 HELP = "train (or resume) from a config; --config.key=value overrides"
 
@@ -19,4 +20,5 @@ def run(args, overrides) -> int:
     result = train_and_evaluate(load(args, overrides), args.workdir)
     print(json.dumps({"step": result.last_step, "total_steps": result.total_steps, "preempted": result.preempted,
                       "eval": result.eval_metrics, "wall_seconds": round(result.wall_seconds, 1)}))
+    print_wrote(run_outputs(args.workdir))
     return 143 if result.preempted else 0  # 128 + SIGTERM: interrupted, resumable

@@ -71,3 +71,7 @@ class Task:
     def evaluate(self, params: Any, mesh, step: int) -> dict:
         """Metrics on the evaluation split; default: none."""
         return {}
+
+    def summary_images(self, params: Any, mesh, step: int) -> dict[str, np.ndarray]:
+        """Named ``(H, W, 3)`` uint8 images for TensorBoard at an evaluation (every process calls it); default: none."""
+        return {}

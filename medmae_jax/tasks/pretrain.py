@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from medmae_jax.data import augment
 from medmae_jax.data.pipeline import evaluation_batches
@@ -19,6 +20,7 @@ class PretrainTask(base.Task):
     name = "pretrain"
     rng_streams = ("masking", "dropout", "droppath")
     best_metric = None
+    _summary_fn = None  # jitted reconstruction for summary_images, compiled once
 
     def build_model(self):
         return build_mae(self.config.model)
@@ -58,3 +60,21 @@ class PretrainTask(base.Task):
             total += loss * real
             count += real
         return {"eval_loss": total / max(count, 1)}
+
+    def summary_images(self, params: Any, mesh, step: int) -> dict:
+        """Original / masked / reconstruction of the first evaluation examples (4 in 2-D, 2 in 3-D), same masks
+        every evaluation."""
+        from medmae_jax import summaries
+        count = 4 if self.config.model.spatial_dims == 2 else 2
+        source = self.source(self.config.data.eval_split)
+        batch, real = next(evaluation_batches(source, count, augment.eval_transform(self.config), limit=count))
+        if self._summary_fn is None:
+            shardings = {} if mesh is None else {"out_shardings": NamedSharding(mesh, PartitionSpec())}
+            self._summary_fn = jax.jit(self._reconstruction, **shardings)
+        pred, mask, x = jax.device_get(self._summary_fn(params, jnp.asarray(batch["image"][:real])))
+        image = summaries.reconstruction_image(x, pred, mask, self.patch_size, bool(self.config.model.norm_pix_loss))
+        return {"reconstruction": image}
+
+    def _reconstruction(self, params: Any, images: jax.Array):
+        pred, masking, x = self.reconstruct(params, images, jax.random.key(0))
+        return pred, masking.mask, x

@@ -496,6 +496,24 @@ class SegmentationTask(base.Task):
                                 limit=None if int(s.eval_limit) < 0 else int(s.eval_limit), hd95=bool(s.eval_hd95))
         return result.scalar_metrics()
 
+    def summary_images(self, params: Any, mesh, step: int) -> dict:
+        """Image / ground truth / prediction of the first evaluation case (the same case every evaluation)."""
+        from medmae_jax import summaries
+        s = self.config.segmentation
+        source = self.source(self.config.data.eval_split)
+        if len(source) == 0:
+            return {}
+        ex = source[0]
+        label = np.asarray(ex.get("label", np.zeros((0,), np.uint8)))
+        if label.size == 0 or (s.kind == "regions" and not {"WT", "TC", "ET"} <= set(s.regions)):
+            return {}
+        image = np.asarray(ex["image"], np.float32)
+        pred = self.predict(params, image if image.ndim == 4 else image[..., None])
+        if s.kind == "regions":
+            pred = regions_to_label(pred, tuple(s.regions), s.label_convention)
+        num_labels = max(int(label.max()), int(pred.max()), self.num_outputs - 1) + 1
+        return {"overlay": summaries.overlay_image(image, label, pred, num_labels)}
+
 
 def init_from_mae(params: Mapping, source: Mapping, where: str = "checkpoint") -> tuple[dict, Any]:
     """UNETR params with ``vit`` replaced by the MAE encoder in ``source`` (an MAE's params ``{encoder, decoder}``,

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from medmae_jax import console
 from medmae_jax.data import pipeline
 from medmae_jax.errors import NonFiniteError
 from medmae_jax.tasks import get_task
@@ -215,12 +216,15 @@ class Trainer:
         if start == 0 and jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
+        writer.write_config(config.to_json_best_effort(indent=2), start)
         base_rng = self.base_rng
         losses: list[float] = []
         t0 = time.time()
         preempted = False
         eval_metrics = None
-        progress = _progress(config, start, self.total_steps)
+        progress = console.progress_bar(total=self.total_steps, initial=start, desc=config.task, unit="step",
+                                        requested=bool(config.progress_bar))
+        rate = _Rate(start, int(config.batch_size))
         loader = self.batches(start) if start < self.total_steps else None
         pending = None  # metrics of the step in flight, checked one step late to keep the device busy
         window: list[dict] = []
@@ -238,14 +242,13 @@ class Trainer:
                     if step % config.log_every_steps == 0 or step == self.total_steps:
                         self._check(pending, mngr, losses, window)
                         pending = None
-                        writer.write(step, _mean(window), prefix="train")
+                        writer.write(step, {**_mean(window), **rate.lap(step)}, prefix="train")
                         window = []
-                        if progress is not None:
-                            progress.set_postfix(loss=f"{losses[-1]:.4f}")
-                    if progress is not None:
-                        progress.update(1)
+                        progress.set_postfix(loss=f"{losses[-1]:.4f}")
+                    progress.update(1)
                     if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < self.total_steps:
-                        eval_metrics = self._evaluate(state, step, writer)
+                        eval_metrics = self._evaluate(state, step, writer, progress)
+                        rate.restart(step)
                     save_now = step % config.checkpoint.every_steps == 0 or step == self.total_steps
                     if stop.requested or mngr.reached_preemption(step):
                         if pending is not None:
@@ -261,15 +264,14 @@ class Trainer:
                 if pending is not None:
                     self._check(pending, mngr, losses, window)
                 if not preempted and (self.total_steps > start or eval_metrics is None):
-                    eval_metrics = self._evaluate(state, step, writer)
+                    eval_metrics = self._evaluate(state, step, writer, progress)
         finally:
             mngr.wait_until_finished()
             mngr.close()
             writer.close()
             if loader is not None:
                 loader.close()
-            if progress is not None:
-                progress.close()
+            progress.close()
         return TrainResult(state=state, task=self.task, losses=losses, first_step=start,
                            last_step=int(jax.device_get(state.step)), total_steps=self.total_steps,
                            wall_seconds=time.time() - t0, preempted=preempted, eval_metrics=eval_metrics)
@@ -288,12 +290,18 @@ class Trainer:
         losses.append(float(host["loss"]))
         window.append({k: float(v) for k, v in host.items() if k != "finite"})
 
-    def _evaluate(self, state, step, writer) -> dict:
+    def _evaluate(self, state, step, writer, progress=None) -> dict:
+        if progress is not None:
+            progress.set_postfix_str("evaluating", refresh=True)
         metrics = self.task.evaluate(state.params, self.mesh, step)
         if metrics:
             writer.write(step, metrics, prefix="eval")
             logging.info("step %d eval: %s", step, metrics)
             self._keep_best(state, step, metrics)
+            if self.config.get("summary_images", True):
+                # Outside the step loop and the task's math: the task draws, process 0's writer writes.
+                writer.write_images(step, self.task.summary_images(state.params, self.mesh, step), prefix="eval")
+            writer.flush()
         return metrics
 
     def _keep_best(self, state, step, metrics):
@@ -324,11 +332,24 @@ def _mean(window: list[dict]) -> dict:
     return {k: float(np.mean([w[k] for w in window])) for k in window[0]}
 
 
-def _progress(config, start, total):
-    if not config.progress_bar or jax.process_index() != 0:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc=config.task)
+class _Rate:
+    """Wall-clock training speed over each logging window (an evaluation restarts the clock; the first window
+    includes compilation)."""
+
+    def __init__(self, step: int, batch_size: int):
+        self.batch_size = batch_size
+        self.restart(step)
+
+    def restart(self, step: int):
+        self.step, self.time = step, time.perf_counter()
+
+    def lap(self, step: int) -> dict:
+        now = time.perf_counter()
+        steps, seconds = step - self.step, max(now - self.time, 1e-9)
+        self.step, self.time = step, now
+        if steps <= 0:
+            return {}
+        return {"steps_per_s": steps / seconds, "examples_per_s": steps * self.batch_size / seconds}
 
 
 def train_and_evaluate(config, workdir: str) -> TrainResult:
