@@ -90,10 +90,18 @@ def _display(slice2d: np.ndarray) -> np.ndarray:
     return np.rot90(slice2d)[:, ::-1]
 
 
+def busiest_slice(label: np.ndarray, axis: int = 2) -> int:
+    """The slice along ``axis`` with the most labelled voxels (the central one when nothing is labelled)."""
+    other = tuple(a for a in range(label.ndim) if a != axis)
+    counts = (np.asarray(label) > 0).sum(axis=other)
+    return int(np.argmax(counts)) if counts.any() else label.shape[axis] // 2
+
+
 def overlay_image(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, num_labels: int, *,
                   axis: int = 2, num_slices: int = 1, alpha: float = 0.5) -> np.ndarray:
     """Columns image / ground truth / prediction (label maps blended over the image in the colours of
-    :func:`medmae_jax.evaluate.figures.label_colormap`), one row per slice through the labelled extent.
+    :func:`medmae_jax.evaluate.figures.label_colormap`), one row per slice: the slice with the most ground truth
+    (``num_slices=1``) or slices spread over the labelled extent.
 
     ``image`` is ``(X, Y, Z)`` or ``(X, Y, Z, C)`` (channel 0 shown); ``label`` and ``prediction`` are integer
     label maps of the same spatial shape."""
@@ -107,7 +115,8 @@ def overlay_image(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, 
     colours = (np.asarray(label_colormap(max(int(num_labels), 2)).colors, np.float32) * 255.0)
     lo, hi = (float(v) for v in np.percentile(image, [0.5, 99.5]))
     rows = []
-    for index in pick_slices(label, num_slices, axis):
+    slices = [busiest_slice(label, axis)] if num_slices == 1 else pick_slices(label, num_slices, axis)
+    for index in slices:
         base = gray(_display(np.take(image, index, axis)), lo, hi)
         row = [upscale(base)]
         for m in (label, prediction):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+
+from medmae_jax.console import human_bytes, print_wrote, progress_enabled, tree_bytes
 
 HELP = "build chestxray14 | btcv | msd_brain_tumour from the manual download into --data-dir"
 
@@ -21,7 +25,12 @@ def add_arguments(parser):
 
 
 def run(args, overrides) -> int:
+    import tensorflow_datasets as tfds
+
     from medmae_jax.errors import ConfigError
+    # TFDS draws the per-split example counters; the same rule as every other command decides whether they show.
+    tfds.display_progress_bar(progress_enabled())
+    started = time.time()
     if args.dataset == "chestxray14":
         if args.config:
             raise ConfigError("chestxray14 has no --config; use --image-size")
@@ -43,4 +52,16 @@ def run(args, overrides) -> int:
     splits = {name: int(info.num_examples) for name, info in builder.info.splits.items()}
     print(json.dumps({"dataset": f"{builder.name}/{builder.builder_config.name}", "data_dir": args.data_dir,
                       "splits": splits}))
+    print_wrote([built_output(builder, splits, started)])
     return 0
+
+
+def built_output(builder, splits: dict, started: float) -> str:
+    """The final line's part: the data set folder with its examples per split and size, or that it was reused."""
+    folder = os.path.abspath(os.fspath(builder.data_dir))
+    counts = ", ".join(f"{name} {n}" for name, n in splits.items())
+    info = os.path.join(folder, "dataset_info.json")
+    name = f"{builder.name}/{builder.builder_config.name} {builder.version}"
+    if os.path.isfile(info) and os.path.getmtime(info) < started:
+        return f"nothing new: {name} was already built in {folder} ({counts} examples; --overwrite rebuilds btcv/msd)"
+    return f"{name} ({counts} examples; {human_bytes(tree_bytes(folder))}) to {folder}"

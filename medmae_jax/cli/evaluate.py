@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from medmae_jax.console import print_wrote, progress_bar
+
 HELP = "evaluate a checkpoint: per-class Dice/HD95 (segmentation) or the task's metrics; --output JSON, --figures DIR"
 
 
@@ -111,6 +113,7 @@ def run(args, overrides) -> int:
     task = get_task(config)
     params, meta = load_params(task, path)
     split = args.split or config.data.eval_split
+    figures = 0
     out = {"checkpoint": os.path.abspath(path), "step": meta.get("step"), "task": config.task, "split": split}
     if config.task == "segmentation":
         from medmae_jax.errors import ConfigError
@@ -121,9 +124,14 @@ def run(args, overrides) -> int:
             if not eq or not name or not other:
                 raise ConfigError(f"--compare {item!r}: expected NAME=CHECKPOINT")
             compare[name] = load_params(task, checkpoint_path(other))[0]
-        result = evaluate_split(task, params, split, limit=args.limit, hd95=not args.no_hd95,
-                                manual_dir=args.manual_dir, figures_dir=args.figures or "",
-                                max_figures=args.max_figures, compare=compare)
+        source = task.source(split)
+        total = len(source) if args.limit is None else min(len(source), int(args.limit))
+        with progress_bar(total=total, desc=f"evaluate {split}", unit="case") as bar:
+            result = evaluate_split(task, params, split, limit=args.limit, hd95=not args.no_hd95,
+                                    manual_dir=args.manual_dir, figures_dir=args.figures or "",
+                                    max_figures=args.max_figures, compare=compare, source=ProgressSource(source, bar))
+            bar.update(total - bar.n)
+        figures = min(int(args.max_figures), len(result.cases)) if args.figures else 0
         if not result.cases:
             print(f"medmae-jax evaluate: no labelled case in split {split!r}", file=sys.stderr)
         print(result.table())
@@ -139,4 +147,33 @@ def run(args, overrides) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             json.dump(to_jsonable(out), f, indent=2)
+    print_wrote(written_parts(args, figures))
     return 0
+
+
+class ProgressSource:
+    """A data source that moves a progress bar to case ``i`` when the evaluation asks for case ``i``."""
+
+    def __init__(self, source, bar):
+        self.source, self.bar = source, bar
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        if index > self.bar.n:
+            self.bar.update(index - self.bar.n)
+        return self.source[index]
+
+
+def written_parts(args, figures: int = 0) -> list[str]:
+    """The final line's parts: the metrics JSON and the ``figures`` drawn (or how to ask for them)."""
+    from medmae_jax.console import file_output
+    parts = []
+    if args.output:
+        parts.append(file_output("metrics", os.path.abspath(args.output)))
+    if args.figures:
+        parts.append(f"{figures} figure{'' if figures == 1 else 's'} to {os.path.abspath(args.figures)}")
+    if not parts:
+        parts.append("no files (the metrics are printed above; --output FILE keeps them, --figures DIR draws cases)")
+    return parts

@@ -18,6 +18,8 @@ import json
 import os
 import tempfile
 
+from medmae_jax.console import file_output, print_wrote, progress_bar
+
 HELP = "segment NIfTI file(s) with a checkpoint; writes a label map with the input's shape and affine"
 
 
@@ -105,18 +107,43 @@ def run(args, overrides) -> int:
     for p in args.input:
         if not os.path.isfile(p):
             raise DataError(p, "input file not found")
-    with tempfile.TemporaryDirectory() as tmpdir:  # inputs first: a bad file fails before the model is built
-        image, geometry = preprocess(config, args.input, tmpdir)
-    task = get_task(config)
-    params, meta = load_params(task, path)
-    pred = task.predict(params, image)
-    s = config.segmentation
-    labels = pred if s.kind == "multiclass" else regions_to_label(pred, tuple(s.regions), s.label_convention)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)) or ".", exist_ok=True)
-    written = nifti.write_nifti(args.output, labels.astype(np.uint8), geometry, mode="nearest", dtype=np.uint8,
-                                reference=args.input[0])
+    # One bar over the four stages; the sliding window (compile + all windows) is one jitted call.
+    with progress_bar(total=len(STAGES), desc="predict", unit="stage") as bar:
+        bar.set_postfix_str(STAGES[0], refresh=True)
+        with tempfile.TemporaryDirectory() as tmpdir:  # inputs first: a bad file fails before the model is built
+            image, geometry = preprocess(config, args.input, tmpdir)
+        _next_stage(bar, 1)
+        task = get_task(config)
+        params, meta = load_params(task, path)
+        _next_stage(bar, 2, f" ({num_windows(config, image.shape[:3])} windows of {tuple(config.model.input_size)})")
+        pred = task.predict(params, image)
+        s = config.segmentation
+        labels = pred if s.kind == "multiclass" else regions_to_label(pred, tuple(s.regions), s.label_convention)
+        _next_stage(bar, 3)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)) or ".", exist_ok=True)
+        written = nifti.write_nifti(args.output, labels.astype(np.uint8), geometry, mode="nearest", dtype=np.uint8,
+                                    reference=args.input[0])
+        bar.update(1)
     values, counts = np.unique(written, return_counts=True)
     print(json.dumps({"output": os.path.abspath(args.output), "shape": list(written.shape),
                       "checkpoint_step": meta.get("step"),
                       "voxels_per_label": {int(v): int(c) for v, c in zip(values, counts)}}))
+    print_wrote([file_output(f"a label map {tuple(written.shape)}", os.path.abspath(args.output))])
     return 0
+
+
+STAGES = ("reading and preprocessing the input", "restoring the checkpoint", "sliding-window inference",
+          "writing the label map")
+
+
+def _next_stage(bar, index: int, detail: str = "") -> None:
+    bar.update(1)
+    bar.set_postfix_str(STAGES[index] + detail, refresh=True)
+
+
+def num_windows(config, spatial) -> int:
+    """Sliding windows the config's ROI and overlap lay over a volume of ``spatial`` size."""
+    from medmae_jax.evaluate.sliding_window import window_plan
+    plan = window_plan(tuple(int(x) for x in spatial), tuple(config.model.input_size),
+                       float(config.segmentation.sw_overlap))
+    return plan.num_windows
