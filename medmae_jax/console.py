@@ -7,6 +7,7 @@ noise), not when the caller's own switch (e.g. ``config.progress_bar``) is off, 
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from typing import Iterable, Optional
@@ -70,7 +71,17 @@ def progress_bar(total: Optional[int] = None, desc: str = "", unit: str = "it", 
     """A tqdm bar on stderr (rate and ETA) when :func:`progress_enabled`, else a :class:`NullBar`."""
     if not progress_enabled(requested):
         return NullBar()
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    # A terminal that reports no size (a pty nobody sized) gets a fixed one: tqdm would draw nothing in 0 x 0.
+    sized = _terminal_width(sys.stderr) > 0
+    fixed = {} if sized else {"ncols": 100, "nrows": 20}
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=sized, file=sys.stderr, **fixed)
+
+
+def _terminal_width(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 0
 
 
 # --- the final line ----------------------------------------------------------------------------------------------
