@@ -70,7 +70,7 @@ def test_wrote_line_names_sizes_and_paths(tmp_path):
 def test_train_progress_follows_the_terminal_and_the_flag(tmp_path, monkeypatch):
     code, out, err = _run(monkeypatch, True, "train", *TRAIN_2D, "--workdir", tmp_path / "a")
     assert code == 0, err
-    assert BAR.search(err) and re.search(r"step/s|s/step", err), err                        # a terminal gets the bar with its ETA
+    assert BAR.search(err) and re.search(r"step/s|s/step", err), err  # a terminal gets the bar with its ETA
     w = tmp_path / "a"
     assert _last_line(err) == (f"wrote 2 checkpoints (steps 3, 4; "
                                f"{console.human_bytes(console.tree_bytes(str(w / 'checkpoints')))}) to "
@@ -80,7 +80,7 @@ def test_train_progress_follows_the_terminal_and_the_flag(tmp_path, monkeypatch)
 
     code, _, err = _run(monkeypatch, True, "train", *TRAIN_2D, "--workdir", tmp_path / "b", "--no-progress")
     assert code == 0 and not BAR.search(err) and "\r" not in err, err
-    assert _last_line(err).startswith(f"wrote 2 checkpoints") and f"{tmp_path / 'b'}/tensorboard" in err
+    assert _last_line(err).startswith("wrote 2 checkpoints") and f"{tmp_path / 'b'}/tensorboard" in err
 
     code, _, err = _run(monkeypatch, False, "train", *TRAIN_2D, "--workdir", tmp_path / "c")   # a pipe, a log
     assert code == 0 and not BAR.search(err) and "\r" not in err, err
