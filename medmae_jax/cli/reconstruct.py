@@ -73,4 +73,6 @@ def run(args, overrides) -> int:
     result = reconstruct(args.checkpoint, args.images, args.output, mask_ratio=args.mask_ratio, seed=args.seed,
                          crop_fraction=args.crop_fraction)
     print(json.dumps(result))
+    from medmae_jax.console import file_output, print_wrote
+    print_wrote([file_output("the figure", result["output"])])
     return 0
