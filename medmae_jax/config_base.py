@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.pixel_std = 0.25        # see pixel_mean
     c.data.loader_threads = 4      # threads decoding/augmenting examples
     c.data.prefetch = 2            # batches prepared ahead
+    c.data.cache_gib = 4.0         # per-host memory for decoded training examples (0: read from disk every time)
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "B/16"       # ViT size Ti|S|M|B|L|H with optional /patch
