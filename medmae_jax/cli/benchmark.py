@@ -12,7 +12,12 @@ HELP = ("time a config's jitted train step (or sliding-window inference) and pri
 
 
 def add_arguments(parser):
-    add_config_argument(parser)
+    add_config_argument(parser, required=False)
+    parser.add_argument("--suite", choices=("accelerator", "smoke"), default=None,
+                        help="accelerator: 2-D/3-D MAE ViT-B, UNETR step and a 512x512x200 sliding window in the "
+                             "configs' auto precision, beside MONAI (torch AMP) when torch sees a GPU; writes "
+                             "suite.jsonl and suite.md to --output. smoke: the same plan with :quick configs")
+    parser.add_argument("--output", default="benchmark-suite", help="--suite: folder for suite.jsonl and suite.md")
     parser.add_argument("--what", default="train", choices=("train", "unetr_train", "sliding_window", "input"),
                         help="train: the config's task step through the trainer (MAE for pre-training configs); "
                              "unetr_train: a UNETR + Dice/CE + AdamW step with the config's ViT sizes; "
@@ -42,6 +47,16 @@ def add_arguments(parser):
 
 def run(args, overrides) -> int:
     from medmae_jax.benchmark import Settings, run_benchmark
+    from medmae_jax.errors import ConfigError
+
+    if args.suite:
+        from medmae_jax.benchmark import suite
+        table = suite.run_suite(args.output, scale=args.suite, against=args.against or "auto",
+                                log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(table)
+        return 0
+    if not args.config:
+        raise ConfigError("benchmark needs --config (or --suite accelerator)")
 
     if args.what == "input":
         from medmae_jax.benchmark import input_pipeline
