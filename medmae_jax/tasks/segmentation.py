@@ -392,6 +392,9 @@ class SegmentationTask(base.Task):
     def train_transform(self) -> Callable[[dict, np.random.Generator], dict]:
         return make_train_transform(self.config, self.target_of)
 
+    def prepare_example(self, example: dict) -> dict:
+        return prepare_volume(example, self.config.segmentation.image_threshold)
+
     # --- objective -------------------------------------------------------------------------------------------
     def logits(self, params: Any, images: jax.Array, rng: Optional[jax.Array] = None, train: bool = False):
         rngs = self.apply_rngs(rng) if rng is not None else {}
@@ -491,6 +494,22 @@ def init_from_mae(params: Mapping, source: Mapping, where: str = "checkpoint") -
     return out, report
 
 
+def prepare_volume(example: dict, image_threshold: Optional[float]) -> dict:
+    """Channels-last float32 image plus the foreground/background voxel indices of positive/negative crop
+    sampling: the per-volume work of the train transform that does not depend on the random draw."""
+    image = np.ascontiguousarray(np.asarray(example["image"], np.float32))
+    if image.ndim == 3:
+        image = image[..., None]
+    label = np.asarray(example["label"])
+    out = dict(example, image=image, label=label)
+    if label.shape == image.shape[:3]:
+        fg, bg = transforms.fg_bg_indices(label, None if image_threshold is None else image,
+                                          0.0 if image_threshold is None else float(image_threshold))
+        index_dtype = np.int32 if label.size < 2 ** 31 else np.int64
+        out["fg_indices"], out["bg_indices"] = fg.astype(index_dtype), bg.astype(index_dtype)
+    return out
+
+
 def make_train_transform(config, target_of: Callable[[np.ndarray], np.ndarray]):
     """Per-volume random transform: ``crops_per_volume`` pos/neg ROI crops, each flipped/rotated/intensity-jittered.
 
@@ -514,8 +533,10 @@ def make_train_transform(config, target_of: Callable[[np.ndarray], np.ndarray]):
         if max_label is not None and label.size and int(label.max()) > max_label:
             raise ValueError(f"example {name!r}: label value {int(label.max())} >= segmentation.num_classes "
                              f"{max_label + 1}")
+        indices = (example["fg_indices"], example["bg_indices"]) if "fg_indices" in example else None
         images, labels = transforms.rand_crop_by_pos_neg_label(rng, image, label, roi, n, pos=float(s.pos),
-                                                               neg=float(s.neg), image_threshold=threshold)
+                                                               neg=float(s.neg), image_threshold=threshold,
+                                                               indices=indices)
         out_images, out_targets = [], []
         for img, lab in zip(images, labels):
             img, lab = transforms.random_flip(rng, [img, lab], prob=float(s.flip_prob))
