@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.pixel_std = 0.25        # see pixel_mean
     c.data.loader_threads = 4      # threads decoding/augmenting examples
     c.data.prefetch = 2            # batches prepared ahead
+    c.data.cache_gib = 4.0         # per-host memory for decoded training examples (0: read from disk every time)
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "B/16"       # ViT size Ti|S|M|B|L|H with optional /patch
@@ -95,9 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.layer_norm_eps = 1e-6  # LayerNorm epsilon (timm/MAE 1e-6, MONAI 1e-5)
     c.model.drop_path = 0.0        # stochastic depth rate of the last block (linear over depth)
     c.model.dropout = 0.0          # dropout in MLPs and after the position table
-    c.model.remat = False          # recompute blocks in the backward pass (saves memory)
-    c.model.dtype = "float32"      # compute dtype: float32 | bfloat16
-    c.model.param_dtype = "float32"  # storage dtype of parameters
+    c.model.remat = "none"         # recompute blocks in the backward pass: none | full | dots_saveable | ...
+    c.model.dtype = "auto"         # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+    c.model.param_dtype = "float32"  # storage dtype of parameters (optimizer state and weight gradients follow)
+    c.model.attention = "auto"     # attention kernel: auto (cuDNN on GPU in 16-bit, XLA elsewhere) | xla | cudnn
     c.model.decoder_width = 512    # MAE decoder width
     c.model.decoder_depth = 8      # MAE decoder blocks
     c.model.decoder_heads = 16     # MAE decoder heads

@@ -26,6 +26,7 @@ import sys
 import tempfile
 from typing import Callable, Optional, Sequence
 
+from medmae_jax.models.precision import dtype_name
 from medmae_jax.benchmark import measure
 from medmae_jax.benchmark.measure import (count_matmul_flops, mae_matmul_flops, peak_tflops, xla_flops)
 from medmae_jax.errors import ConfigError, MedMAEError
@@ -298,7 +299,7 @@ def run_benchmark(settings: Settings, emit: Optional[Callable[[dict], None]] = N
                 for key in ("flops_per_example", "xla_flops_per_example", "num_windows"):
                     info[key] = infos["jax"].get(key)
                 info["flops_source"] = "the JAX record's count for the same configuration"
-                info["peak_tflops"] = measure.peak_tflops(info.get("device_kind", ""), config.model.dtype)
+                info["peak_tflops"] = measure.peak_tflops(info.get("device_kind", ""), dtype_name(config.model.dtype))
             batch_records.append(make_record(framework=framework, settings=settings, config=config, desc=desc,
                                              batch=batch * per_item, threads=threads, info=info,
                                              timings=timings[framework], final=finals[framework], loads=loads,

@@ -22,6 +22,8 @@ import resource
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from medmae_jax.models.precision import dtype_name
+
 # Dense peak TFLOP/s per chip: (device-kind substring, bfloat16 peak, float32 peak). First match wins, so the
 # more specific names come first. float32 on NVIDIA: the TF32 tensor-core peak (XLA's default precision runs f32
 # dots as TF32 on Ampere and newer); on TPU: the bf16 MXU peak (default precision runs f32 dots in one bf16 pass).
@@ -237,7 +239,7 @@ def mae_description(config) -> dict:
         "decoder_width": int(mae.decoder_width), "decoder_depth": int(mae.decoder_depth),
         "decoder_heads": int(mae.decoder_heads), "decoder_mlp_dim": int(mae.decoder_mlp_dim or 4 * mae.decoder_width),
         "mask_ratio": float(mae.mask_ratio), "norm_pix_loss": bool(config.model.norm_pix_loss),
-        "dtype": str(config.model.dtype),
+        "dtype": dtype_name(config.model.dtype),
     }
 
 
@@ -293,5 +295,5 @@ def unetr_description(config, num_classes: int, feature_size: int) -> dict:
         "cls_token": bool(kw.get("cls_token", False)), "qkv_bias": bool(kw.get("qkv_bias", False)),
         "out_channels": int(model.out_channels), "feature_size": int(model.feature_size),
         "res_block": bool(model.res_block), "conv_block": bool(model.conv_block),
-        "drop_path": float(kw.get("drop_path", 0.0)), "dtype": str(config.model.dtype), "loss": loss,
+        "drop_path": float(kw.get("drop_path", 0.0)), "dtype": dtype_name(config.model.dtype), "loss": loss,
     }

@@ -34,6 +34,8 @@ def _device_info(device) -> dict:
 
 
 def _autocast(device, dtype: str):
+    if dtype == "auto":  # as the JAX side resolves it, without initialising a JAX backend in this process
+        dtype = "float32" if device.type == "cpu" else "bfloat16"
     if dtype in ("bfloat16", "float16"):
         return torch.autocast(device.type, dtype=getattr(torch, dtype))
     return contextlib.nullcontext()

@@ -12,11 +12,18 @@ HELP = ("time a config's jitted train step (or sliding-window inference) and pri
 
 
 def add_arguments(parser):
-    add_config_argument(parser)
-    parser.add_argument("--what", default="train", choices=("train", "unetr_train", "sliding_window"),
+    add_config_argument(parser, required=False)
+    parser.add_argument("--suite", choices=("accelerator", "smoke"), default=None,
+                        help="accelerator: 2-D/3-D MAE ViT-B, UNETR step and a 512x512x200 sliding window in the "
+                             "configs' auto precision, beside MONAI (torch AMP) when torch sees a GPU; writes "
+                             "suite.jsonl and suite.md to --output. smoke: the same plan with :quick configs")
+    parser.add_argument("--output", default="benchmark-suite", help="--suite: folder for suite.jsonl and suite.md")
+    parser.add_argument("--what", default="train", choices=("train", "unetr_train", "sliding_window", "input"),
                         help="train: the config's task step through the trainer (MAE for pre-training configs); "
                              "unetr_train: a UNETR + Dice/CE + AdamW step with the config's ViT sizes; "
-                             "sliding_window: UNETR sliding-window inference over a whole volume")
+                             "sliding_window: UNETR sliding-window inference over a whole volume; "
+                             "input: training examples/crops per second of the input pipeline, without and "
+                             "with the in-memory cache")
     parser.add_argument("--against", choices=("monai",), default=None,
                         help="also time the PyTorch/MONAI peer (needs the [parity] extra) and print the ratio")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[None],
@@ -33,10 +40,33 @@ def add_arguments(parser):
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding window: window overlap")
     parser.add_argument("--num-classes", type=int, default=14, help="UNETR output channels (BTCV: 14)")
     parser.add_argument("--feature-size", type=int, default=16, help="UNETR decoder feature size")
+    parser.add_argument("--examples", type=int, default=8, help="input: examples timed per setting")
+    parser.add_argument("--synthetic-volume", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="input: build BTCV-layout phantoms of this size (e.g. 204 153 180) and read those")
 
 
 def run(args, overrides) -> int:
     from medmae_jax.benchmark import Settings, run_benchmark
+    from medmae_jax.errors import ConfigError
+
+    if args.suite:
+        from medmae_jax.benchmark import suite
+        table = suite.run_suite(args.output, scale=args.suite, against=args.against or "auto",
+                                log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(table)
+        return 0
+    if not args.config:
+        raise ConfigError("benchmark needs --config (or --suite accelerator)")
+
+    if args.what == "input":
+        from medmae_jax.benchmark import input_pipeline
+        from medmae_jax.config_loading import apply_override, load_config
+        config = load_config(args.config)
+        for assignment in overrides:
+            apply_override(config, assignment)
+        input_pipeline.run(config, examples=args.examples, threads=args.threads,
+                           synthetic_volume=args.synthetic_volume)
+        return 0
 
     steps = args.steps if args.steps is not None else (1 if args.what == "sliding_window" else 5)
     settings = Settings(config=args.config, overrides=tuple(overrides), what=args.what, against=args.against,

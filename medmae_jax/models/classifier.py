@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medmae_jax.models.precision import Dense
 from medmae_jax.models.vit import ViT, _axes, _layer_norm
 
 Dtype = Any
@@ -87,9 +88,9 @@ class ViTClassifier(nn.Module):
         pooled = nn.Dropout(self.head_dropout)(pooled, deterministic=not train)
         init = (nn.initializers.zeros if self.head_init_std <= 0
                 else nn.initializers.truncated_normal(stddev=self.head_init_std))
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
-                          kernel_init=_axes(init, ("embed", None)),
-                          bias_init=_axes(nn.initializers.zeros, (None,)))(pooled)
+        logits = Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+                       kernel_init=_axes(init, ("embed", None)),
+                       bias_init=_axes(nn.initializers.zeros, (None,)))(pooled)
         logits = logits.astype(jnp.float32)
         if self.post_activation == "tanh":
             logits = jnp.tanh(logits)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from medmae_jax.models import masking as masking_lib
+from medmae_jax.models.precision import Dense
 from medmae_jax.models.vit import ViT, Transformer, _axes, _trunc_normal, patchify, sincos_position_table
 
 Dtype = Any
@@ -37,11 +38,13 @@ class MAEDecoder(nn.Module):
     # 'sincos': fixed table (MAE); 'learn': a parameter ``pos_embedding`` (1, cls+L, width) initialised to that
     # table, for checkpoints whose decoder table is learned or differs from ours (MONAI's 3-D ordering).
     pos_embed: str = "sincos"
+    remat: bool | str = False  # remat policy of the decoder blocks
+    attention: str = "auto"    # attention implementation (see vit.Attention)
 
     @nn.compact
     def __call__(self, latent: jax.Array, restore_indices: jax.Array, grid: Sequence[int], has_cls: bool,
                  out_channels: int, train: bool = False) -> jax.Array:
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="embed",
+        x = Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="embed",
                      kernel_init=_axes(nn.initializers.xavier_uniform(), ("embed", "decoder_embed")),
                      bias_init=_axes(nn.initializers.zeros, ("decoder_embed",)))(latent)
         prefix = int(has_cls)
@@ -67,9 +70,10 @@ class MAEDecoder(nn.Module):
         if has_cls:
             tokens = jnp.concatenate([cls, tokens], axis=1)
         tokens, _ = Transformer(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.qkv_bias,
-                                layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                                layer_norm_eps=self.layer_norm_eps, remat=self.remat, dtype=self.dtype,
+                                param_dtype=self.param_dtype, attention=self.attention,
                                 name="transformer")(tokens, train)
-        pred = nn.Dense(math.prod(self.patch_size) * out_channels, dtype=self.dtype,
+        pred = Dense(math.prod(self.patch_size) * out_channels, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="pred",
                         kernel_init=_axes(nn.initializers.xavier_uniform(), ("decoder_embed", "patch")),
                         bias_init=_axes(nn.initializers.zeros, ("patch",)))(tokens)
@@ -102,7 +106,8 @@ class MAE(nn.Module):
         self.decoder = MAEDecoder(tuple(kw["patch_size"]), self.decoder_width, self.decoder_depth,
                                   self.decoder_heads, self.decoder_mlp_dim, kw.get("qkv_bias", True),
                                   kw.get("layer_norm_eps", 1e-6), pos_axis_order=kw.get("pos_axis_order"),
-                                  dtype=self.dtype, param_dtype=self.param_dtype, pos_embed=self.decoder_pos_embed)
+                                  dtype=self.dtype, param_dtype=self.param_dtype, pos_embed=self.decoder_pos_embed,
+                                  remat=kw.get("remat", False), attention=kw.get("attention", "auto"))
 
     def __call__(self, images: jax.Array, *, train: bool = False,
                  masking: Optional[masking_lib.Masking] = None):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medmae_jax.models.masking import gather_tokens
+from medmae_jax.models.precision import Dense, dot_product_attention, remat_block
 
 Dtype = Any
 
@@ -162,7 +163,7 @@ class PatchEmbed(nn.Module):
             return y.reshape(y.shape[0], -1, self.width)
         if self.kind == "perceptron":
             tokens = patchify(x, patch)
-            return nn.Dense(
+            return Dense(
                 self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="proj",
                 kernel_init=_axes(nn.initializers.lecun_normal(), ("patch", "embed")),
                 bias_init=_axes(nn.initializers.zeros, ("embed",)),
@@ -178,6 +179,7 @@ class Attention(nn.Module):
     attn_dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # 'auto' (cuDNN on GPU in 16-bit, XLA elsewhere) | 'xla' | 'cudnn'
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -185,7 +187,7 @@ class Attention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
         head_dim = width // self.num_heads
-        qkv = nn.DenseGeneral(
+        qkv = Dense(
             (3, self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=_axes(nn.initializers.xavier_uniform(), ("embed", None, "heads", "kv")),
             bias_init=_axes(nn.initializers.zeros, (None, "heads", "kv")), name="qkv",
@@ -198,9 +200,9 @@ class Attention(nn.Module):
             weights = nn.Dropout(self.attn_dropout)(weights, deterministic=False)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         else:
-            out = jax.nn.dot_product_attention(q, k, v)
-        return nn.DenseGeneral(
-            width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+            out = dot_product_attention(q, k, v, self.attention)
+        return Dense(
+            width, num_in_axes=2, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=_axes(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
             bias_init=_axes(nn.initializers.zeros, ("embed",)), name="proj",
         )(out)
@@ -215,12 +217,12 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         width = x.shape[-1]
-        h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
+        h = Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
                      kernel_init=_axes(nn.initializers.xavier_uniform(), ("embed", "mlp")),
                      bias_init=_axes(nn.initializers.zeros, ("mlp",)))(x)
         h = nn.gelu(h, approximate=False)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
+        h = Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
                      kernel_init=_axes(nn.initializers.xavier_uniform(), ("mlp", "embed")),
                      bias_init=_axes(nn.initializers.zeros, ("embed",)))(h)
         return nn.Dropout(self.dropout)(h, deterministic=not train)
@@ -244,12 +246,14 @@ class Block(nn.Module):
     layer_norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # see Attention.attention
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         drop_path = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)), rng_collection="droppath")
         h = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")(x)
-        h = Attention(self.num_heads, self.qkv_bias, self.attn_dropout, self.dtype, self.param_dtype, name="attn")(h, train=train)
+        h = Attention(self.num_heads, self.qkv_bias, self.attn_dropout, self.dtype, self.param_dtype, self.attention,
+                      name="attn")(h, train=train)
         x = x + drop_path(h, deterministic=not train)
         h = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")(x)
         h = Mlp(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name="mlp")(h, train=train)
@@ -268,19 +272,21 @@ class Transformer(nn.Module):
     drop_path: float = 0.0
     layer_norm_eps: float = 1e-6
     final_norm: bool = True
-    remat: bool = False
+    remat: bool | str = False  # remat policy per block: see precision.REMAT_POLICIES (True = 'full')
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # see Attention.attention
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
-        block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        block_cls = remat_block(Block, self.remat)
         intermediates = []
         for i in range(self.depth):
             # Linearly increasing drop-path rate, as in timm/MAE.
             rate = self.drop_path * i / max(self.depth - 1, 1)
             x = block_cls(self.num_heads, self.mlp_dim, self.qkv_bias, self.dropout, self.attn_dropout, rate,
-                          self.layer_norm_eps, self.dtype, self.param_dtype, name=f"block_{i}")(x, train)
+                          self.layer_norm_eps, self.dtype, self.param_dtype, self.attention,
+                          name=f"block_{i}")(x, train)
             intermediates.append(x)
         if self.final_norm:
             x = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")(x)
@@ -311,9 +317,10 @@ class ViT(nn.Module):
     drop_path: float = 0.0
     layer_norm_eps: float = 1e-6
     final_norm: bool = True
-    remat: bool = False
+    remat: bool | str = False  # remat policy per block: see precision.REMAT_POLICIES (True = 'full')
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # 'auto' | 'xla' | 'cudnn' (see Attention.attention)
 
     def grid(self, spatial: Sequence[int]) -> tuple[int, ...]:
         bad = [s for s, p in zip(spatial, self.patch_size) if s % p]
@@ -363,7 +370,7 @@ class ViT(nn.Module):
         tokens = nn.Dropout(self.dropout)(tokens, deterministic=not train)
         return Transformer(self.depth, self.num_heads, self.mlp_dim, self.qkv_bias, self.dropout, self.attn_dropout,
                            self.drop_path, self.layer_norm_eps, self.final_norm, self.remat, self.dtype,
-                           self.param_dtype, name="transformer")(tokens, train)
+                           self.param_dtype, self.attention, name="transformer")(tokens, train)
 
 
 def vit_kwargs(variant: Optional[str] = None, **overrides) -> dict:

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from medmae_jax.data import cache as cache_lib
 from medmae_jax.data import sources
 
 
@@ -55,6 +56,16 @@ class Task:
     # --- data ------------------------------------------------------------------------------------------------
     def source(self, split: str):
         return sources.open_source(self.config.data, split)
+
+    def train_source(self):
+        """The training split, kept in memory after its first read (decoded and ``prepare_example``-d) up to
+        ``data.cache_gib`` per host."""
+        source = self.source(self.config.data.train_split)
+        return cache_lib.cached(source, self.prepare_example, float(self.config.data.get("cache_gib", 0.0)))
+
+    def prepare_example(self, example: dict) -> dict:
+        """Deterministic per-example work done once before caching (the random transform runs every time)."""
+        return example
 
     def train_transform(self) -> Optional[Callable[[dict, np.random.Generator], dict]]:
         """Per-example random transform (numpy, in the loader); None = identity."""

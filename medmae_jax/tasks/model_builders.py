@@ -8,15 +8,12 @@ import jax
 import jax.numpy as jnp
 
 from medmae_jax.models.mae import MAE
+from medmae_jax.models.precision import resolve_dtype
 from medmae_jax.models.vit import vit_kwargs
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def dtype(name: str):
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    """Config dtype name -> jnp dtype; 'auto' is bfloat16 on GPU/TPU and float32 on CPU."""
+    return resolve_dtype(name)
 
 
 def encoder_kwargs(m: Mapping) -> dict:
@@ -28,7 +25,7 @@ def encoder_kwargs(m: Mapping) -> dict:
         patch = int(m["variant"].split("/")[1])
     kw["patch_size"] = (patch,) * m["spatial_dims"] if isinstance(patch, int) else tuple(patch)
     kw.update(qkv_bias=m["qkv_bias"], layer_norm_eps=m["layer_norm_eps"], drop_path=m["drop_path"],
-              dropout=m["dropout"], remat=m["remat"])
+              dropout=m["dropout"], remat=m["remat"], attention=m.get("attention", "auto"))
     return kw
 
 

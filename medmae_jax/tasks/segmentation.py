@@ -58,6 +58,7 @@ import ml_collections
 import numpy as np
 
 from medmae_jax.data import transforms
+from medmae_jax.data.labels import label_to_regions, region_definition, regions_to_label
 from medmae_jax.errors import ConfigError
 from medmae_jax.evaluate import metrics as metrics_lib
 from medmae_jax.models.unetr import MONAI_SKIP_LAYERS, UNETR
@@ -68,8 +69,6 @@ from medmae_jax.tasks.model_builders import encoder_kwargs
 log = logging.getLogger(__name__)
 
 KINDS = ("multiclass", "regions")
-# Region-convention names of the MSD builder mapped onto evaluate/metrics.py's names.
-CONVENTION_ALIASES = {"msd": "msd", "monai": "monai_tutorial", "monai_tutorial": "monai_tutorial", "brats": "brats"}
 # Synthetic phantom organ (BTCV number) -> MSD dataset.json label, for the ``regions`` stand-in.
 PHANTOM_TO_MSD = {6: 1, 1: 2, 2: 3, 3: 3}
 
@@ -185,48 +184,6 @@ def sigmoid_dice_bce_loss(logits: jax.Array, masks: jax.Array, *, lambda_dice: f
 # ----------------------------------------------------------------------------------------------------------------
 # Labels and regions
 # ----------------------------------------------------------------------------------------------------------------
-def region_definition(convention: str) -> dict[str, tuple[int, ...]]:
-    """Label values of each region (WT/TC/ET) under ``convention``: ``msd``, ``monai``/``monai_tutorial``, ``brats``."""
-    name = CONVENTION_ALIASES.get(convention)
-    if name is None:
-        raise ConfigError(f"segmentation.label_convention must be one of {sorted(CONVENTION_ALIASES)}, "
-                          f"got {convention!r}")
-    return metrics_lib.REGION_CONVENTIONS[name]
-
-
-def label_to_regions(label: np.ndarray, regions: Sequence[str], convention: str) -> np.ndarray:
-    """Multi-hot masks ``(*spatial, R)`` uint8 in the order of ``regions`` from a label map."""
-    definition = region_definition(convention)
-    return np.stack([np.isin(label, definition[r]) for r in regions], -1).astype(np.uint8)
-
-
-def regions_to_label(masks: np.ndarray, regions: Sequence[str], convention: str) -> np.ndarray:
-    """A label map from region masks ``(*spatial, R)``: WT, then TC, then ET painted with the label that only that
-    region adds (MSD: edema 1, non-enhancing 2, enhancing 3). ``regions`` must contain WT, TC and ET."""
-    definition = region_definition(convention)
-    order = [r for r in ("WT", "TC", "ET") if r in regions]
-    if order != ["WT", "TC", "ET"]:
-        raise ConfigError(f"a label map needs the regions WT, TC and ET, got {tuple(regions)}")
-    value = {"WT": set(definition["WT"]) - set(definition["TC"]), "TC": set(definition["TC"]) - set(definition["ET"]),
-             "ET": set(definition["ET"])}
-    out = np.zeros(masks.shape[:-1], np.uint8)
-    for r in order:
-        if len(value[r]) != 1:
-            raise ConfigError(f"convention {convention!r}: region {r} adds labels {sorted(value[r])}, not exactly one")
-        out[np.asarray(masks[..., list(regions).index(r)]).astype(bool)] = next(iter(value[r]))
-    return out
-
-
-def class_names(config) -> tuple[str, ...]:
-    """Names of the evaluated outputs: BTCV organs (multiclass, 14 classes) or the regions."""
-    s = config.segmentation
-    if s.kind == "regions":
-        return tuple(s.regions)
-    if s.num_classes == len(metrics_lib.BTCV_LABELS) + 1:
-        return tuple(metrics_lib.BTCV_LABELS[c] for c in range(1, s.num_classes))
-    return tuple(f"class_{c}" for c in range(1, s.num_classes))
-
-
 class SyntheticTumourSource:
     """A ``synthetic3d`` phantom source dressed as MSD brain-tumour data (see the module docstring)."""
 
@@ -435,6 +392,9 @@ class SegmentationTask(base.Task):
     def train_transform(self) -> Callable[[dict, np.random.Generator], dict]:
         return make_train_transform(self.config, self.target_of)
 
+    def prepare_example(self, example: dict) -> dict:
+        return prepare_volume(example, self.config.segmentation.image_threshold)
+
     # --- objective -------------------------------------------------------------------------------------------
     def logits(self, params: Any, images: jax.Array, rng: Optional[jax.Array] = None, train: bool = False):
         rngs = self.apply_rngs(rng) if rng is not None else {}
@@ -534,6 +494,22 @@ def init_from_mae(params: Mapping, source: Mapping, where: str = "checkpoint") -
     return out, report
 
 
+def prepare_volume(example: dict, image_threshold: Optional[float]) -> dict:
+    """Channels-last float32 image plus the foreground/background voxel indices of positive/negative crop
+    sampling: the per-volume work of the train transform that does not depend on the random draw."""
+    image = np.ascontiguousarray(np.asarray(example["image"], np.float32))
+    if image.ndim == 3:
+        image = image[..., None]
+    label = np.asarray(example["label"])
+    out = dict(example, image=image, label=label)
+    if label.shape == image.shape[:3]:
+        fg, bg = transforms.fg_bg_indices(label, None if image_threshold is None else image,
+                                          0.0 if image_threshold is None else float(image_threshold))
+        index_dtype = np.int32 if label.size < 2 ** 31 else np.int64
+        out["fg_indices"], out["bg_indices"] = fg.astype(index_dtype), bg.astype(index_dtype)
+    return out
+
+
 def make_train_transform(config, target_of: Callable[[np.ndarray], np.ndarray]):
     """Per-volume random transform: ``crops_per_volume`` pos/neg ROI crops, each flipped/rotated/intensity-jittered.
 
@@ -557,8 +533,10 @@ def make_train_transform(config, target_of: Callable[[np.ndarray], np.ndarray]):
         if max_label is not None and label.size and int(label.max()) > max_label:
             raise ValueError(f"example {name!r}: label value {int(label.max())} >= segmentation.num_classes "
                              f"{max_label + 1}")
+        indices = (example["fg_indices"], example["bg_indices"]) if "fg_indices" in example else None
         images, labels = transforms.rand_crop_by_pos_neg_label(rng, image, label, roi, n, pos=float(s.pos),
-                                                               neg=float(s.neg), image_threshold=threshold)
+                                                               neg=float(s.neg), image_threshold=threshold,
+                                                               indices=indices)
         out_images, out_targets = [], []
         for img, lab in zip(images, labels):
             img, lab = transforms.random_flip(rng, [img, lab], prob=float(s.flip_prob))

@@ -100,7 +100,7 @@ class Trainer:
         self.task = get_task(config)
         self.mesh = mesh_lib.make_mesh(config.mesh)
         self.rules = mesh_lib.rules_from_config(config.sharding_rules)
-        self.train_source = self.task.source(config.data.train_split)
+        self.train_source = self.task.train_source()
         self.total_steps, self.steps_per_epoch = _schedule_lengths(config, len(self.train_source))
         self._build_state_functions()
 
