@@ -23,11 +23,11 @@ import tensorflow_datasets as tfds
 
 from medmae_jax.data import nifti, transforms
 from medmae_jax.data.datasets import collection_splits, tfds_utils
+from medmae_jax.data.datasets.collection_info import INFO_FILE, read_collection_info  # noqa: F401 (re-exported)
 from medmae_jax.data.datasets.nifti_collection import Collection, CollectionCase, discover, validate
 from medmae_jax.errors import ConfigError
 
 TFDS_NAME = "nifti_collection"
-INFO_FILE = "collection.json"
 DEFAULT_INTENSITY = {"ct": "ct-window:-175,250", "mr": "zscore-nonzero"}
 
 
@@ -160,12 +160,3 @@ def build_nifti_collection(manual_dir: str, data_dir: str, name: str, *, datalis
     os.replace(tmp, os.path.join(dataset_dir, INFO_FILE))
     return tfds_utils.build(NiftiCollection, manual_dir, dataset_dir, overwrite=overwrite,
                             builder_kwargs={"collection": collection, "splits": splits, "preprocessing": preprocessing})
-
-
-def read_collection_info(dataset_dir: str) -> dict:
-    """The ``collection.json`` of a built collection (channel and class counts, names, preprocessing)."""
-    path = os.path.join(os.fspath(dataset_dir), INFO_FILE)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} not found: build the data set first (medmae-jax build nifti --name ...)")
-    with open(path) as f:
-        return json.load(f)
