@@ -45,6 +45,7 @@ def get_config(arg=None):
         crops_per_volume=4, pos=1.0, neg=1.0,   # RandCropByPosNegLabeld(num_samples=4, pos=1, neg=1)
         sw_overlap=0.5, sw_mode="constant",     # sliding-window evaluation
     )
+    c.segmentation.class_names = tuple(info.get("class_names", ())[1:])  # names of classes 1..K-1 in reports
     c.batch_size = 2                            # volumes per step (x 4 crops)
     c.num_epochs = args.epochs                  # epochs of the train split
     c.optimizer.base_lr = 1e-4 * 256 / 8        # effective lr 1e-4 at 8 crops

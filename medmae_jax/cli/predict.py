@@ -7,7 +7,8 @@ sigmoid > threshold (regions, turned back into the label convention's values: MS
 2 non-enhancing, 3 enhancing), and the label map is put back on the input file's own grid:
 same shape and affine (header copied from the first input).
 
-Inputs: one 3-D CT (BTCV); one 4-D MRI (MSD, 4 channels) or four 3-D files in the channel order
+Inputs: one 3-D CT (BTCV); a user's collection (``build nifti``): what its images were, preprocessed as
+recorded in its ``collection.json``, labels written with its own values; one 4-D MRI (MSD, 4 channels) or four 3-D files in the channel order
 FLAIR, T1w, t1gd, T2w. Configs trained on ``synthetic3d`` use the BTCV (multiclass) or MSD
 (regions) preprocessing.
 """
@@ -78,6 +79,10 @@ def preprocess(config, paths, tmpdir: str) -> tuple:
     from medmae_jax.data import nifti
     from medmae_jax.data.datasets import btcv, msd_brain_tumour as msd
     from medmae_jax.errors import DataError
+    if config.data.name == "nifti_collection":  # a user's collection: preprocessing recorded in its collection.json
+        from medmae_jax.data.datasets import nifti_collection_builder as ncb
+        ex = ncb.preprocess_files(paths, ncb.read_collection_info(config.data.data_dir))
+        return ex["image"], nifti.Geometry.from_features(ex)
     family, builder_config = preprocessing(config)
     channels = int(config.model.in_channels)
     if family == "btcv":
@@ -119,6 +124,9 @@ def run(args, overrides) -> int:
         pred = task.predict(params, image)
         s = config.segmentation
         labels = pred if s.kind == "multiclass" else regions_to_label(pred, tuple(s.regions), s.label_convention)
+        if config.data.name == "nifti_collection":  # class indices -> the collection's own label values
+            from medmae_jax.data.datasets import nifti_collection_builder as ncb
+            labels = ncb.class_indices_to_values(labels, ncb.read_collection_info(config.data.data_dir))
         _next_stage(bar, 3)
         os.makedirs(os.path.dirname(os.path.abspath(args.output)) or ".", exist_ok=True)
         written = nifti.write_nifti(args.output, labels.astype(np.uint8), geometry, mode="nearest", dtype=np.uint8,

@@ -101,6 +101,8 @@ def class_names(config) -> tuple[str, ...]:
     s = config.segmentation
     if s.kind == "regions":
         return tuple(s.regions)
+    if s.get("class_names"):  # a user's collection: names of classes 1..K-1 from its collection.json
+        return tuple(s.class_names)
     if s.num_classes == len(BTCV_LABELS) + 1:
         return tuple(BTCV_LABELS[c] for c in range(1, s.num_classes))
     return tuple(f"class_{c}" for c in range(1, s.num_classes))

@@ -297,5 +297,5 @@ def evaluate_split(task, params: Any, split: str, *, limit: Optional[int] = None
                              title=f"{case_id} ({split})", others=others)
             figures += 1
         log.info("%s %s: mean Dice %.4f", split, case_id, float(_nanmean(result.dice)))
-    btcv = s.kind == "multiclass" and int(s.num_classes) == len(BTCV_LABELS) + 1
+    btcv = s.kind == "multiclass" and int(s.num_classes) == len(BTCV_LABELS) + 1 and not s.get("class_names")
     return SplitResult(split, s.kind, names, cases, btcv=btcv, unlabelled=unlabelled)

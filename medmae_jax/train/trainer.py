@@ -33,7 +33,7 @@ from medmae_jax.errors import NonFiniteError
 from medmae_jax.tasks import get_task
 from medmae_jax.train import checkpoint as ckpt_lib
 from medmae_jax.train import mesh as mesh_lib
-from medmae_jax.train import optim
+from medmae_jax.train import optim, preflight
 from medmae_jax.train.metrics_writer import MetricsWriter
 
 
@@ -99,6 +99,7 @@ class Trainer:
             jax.distributed.initialize()
         self.task = get_task(config)
         self.mesh = mesh_lib.make_mesh(config.mesh)
+        preflight.check_before_training(config, self.mesh.devices.size)  # before any data loading or compile
         self.rules = mesh_lib.rules_from_config(config.sharding_rules)
         self.train_source = self.task.train_source()
         self.total_steps, self.steps_per_epoch = _schedule_lengths(config, len(self.train_source))

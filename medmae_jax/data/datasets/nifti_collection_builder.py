@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from medmae_jax.data import nifti, transforms
 from medmae_jax.data.datasets import collection_splits, tfds_utils
 from medmae_jax.data.datasets.collection_info import INFO_FILE, read_collection_info  # noqa: F401 (re-exported)
-from medmae_jax.data.datasets.nifti_collection import Collection, CollectionCase, discover, validate
+from medmae_jax.data.datasets.nifti_collection import Collection, CollectionCase, discover, strip_nifti_suffix, validate
 from medmae_jax.errors import ConfigError
 
 TFDS_NAME = "nifti_collection"
@@ -160,3 +160,29 @@ def build_nifti_collection(manual_dir: str, data_dir: str, name: str, *, datalis
     os.replace(tmp, os.path.join(dataset_dir, INFO_FILE))
     return tfds_utils.build(NiftiCollection, manual_dir, dataset_dir, overwrite=overwrite,
                             builder_kwargs={"collection": collection, "splits": splits, "preprocessing": preprocessing})
+
+
+def preprocessing_of(info: dict) -> Preprocessing:
+    """The build-time preprocessing recorded in a collection's ``collection.json``."""
+    spacing = info.get("spacing")
+    return Preprocessing(spacing=None if spacing is None else tuple(float(s) for s in spacing),
+                         intensity=info["intensity"], crop_foreground=bool(info.get("crop_foreground", True)))
+
+
+def preprocess_files(paths, info: dict) -> dict:
+    """New image file(s) (one 4-D file or one 3-D file per channel) preprocessed exactly as the collection was."""
+    case = CollectionCase(strip_nifti_suffix(os.path.basename(paths[0])), tuple(os.fspath(p) for p in paths), None,
+                          "--input", "test", "")
+    from medmae_jax.data.datasets.nifti_collection import case_channels
+    from medmae_jax.errors import DataError
+    _, _, channels = case_channels(case)
+    if channels != int(info["num_channels"]):
+        raise DataError(paths[0], f"{channels} channel(s) given; the collection {info.get('name')!r} has "
+                                  f"{info['num_channels']} ({', '.join(info.get('channel_names', []))})")
+    return preprocess(case, [], preprocessing_of(info))
+
+
+def class_indices_to_values(pred: np.ndarray, info: dict) -> np.ndarray:
+    """Predicted class indices 0..K-1 -> the collection's own label values (``class_values``)."""
+    values = np.asarray(info.get("class_values") or range(int(pred.max()) + 1))
+    return values[np.asarray(pred, np.int64)]

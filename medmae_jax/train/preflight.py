@@ -1,0 +1,80 @@
+"""Checks a config against its data set and devices before anything is compiled or a step runs.
+
+Each failure is one :class:`ConfigError` naming the data set, the split and the fix: a named split
+that is missing or empty, channel or class counts that differ from the model, an ROI the patch
+size does not divide, a global batch the device mesh does not divide.
+"""
+
+from __future__ import annotations
+
+import os
+
+from medmae_jax.errors import ConfigError, MedMAEError
+
+
+def _dataset_label(config) -> str:
+    data = config.data
+    name = data.get("tfds_name") or data.name
+    return f"{name} in {data.data_dir}" if data.get("data_dir") else name
+
+
+def check_mesh(config, num_devices: int) -> None:
+    """The global batch must split evenly over the devices of the mesh."""
+    if int(config.batch_size) % int(num_devices):
+        raise ConfigError(f"batch_size {config.batch_size} does not divide over {num_devices} devices of the mesh; "
+                          f"use a multiple of {num_devices} (--config.batch_size=...)")
+
+
+def check_roi(config) -> None:
+    """Every ROI edge must be a multiple of the patch size."""
+    roi, patch = tuple(int(x) for x in config.model.input_size), int(config.model.patch_size)
+    bad = [r for r in roi if r % patch]
+    if bad:
+        raise ConfigError(f"model.input_size {roi} is not a multiple of model.patch_size {patch}; "
+                          f"use e.g. {tuple(max(patch, r // patch * patch) for r in roi)}")
+
+
+def check_collection(config) -> None:
+    """A collection built by ``build nifti``/``build images``: channel and class counts from its collection.json."""
+    from medmae_jax.data.datasets.collection_info import read_collection_info
+    if not config.data.get("data_dir"):
+        raise ConfigError(f"{config.data.name}: no data set named; pass dataset=NAME,data_dir=DATA_DIR to the config "
+                          f"after medmae-jax build ... --data-dir DATA_DIR --name NAME")
+    info = read_collection_info(config.data.data_dir)
+    where = os.path.join(config.data.data_dir, "collection.json")
+    if int(info["num_channels"]) != int(config.model.in_channels):
+        raise ConfigError(f"{info.get('name')}: the data set has {info['num_channels']} channel(s) ({where}) but "
+                          f"model.in_channels is {config.model.in_channels}; drop the override or rebuild")
+    if config.task == "segmentation" and config.segmentation.kind == "multiclass" \
+            and int(info["num_classes"]) != int(config.segmentation.num_classes):
+        raise ConfigError(f"{info.get('name')}: the data set has {info['num_classes']} classes ({where}) but "
+                          f"segmentation.num_classes is {config.segmentation.num_classes}; drop the override or rebuild")
+
+
+def check_splits(config) -> None:
+    """The train and eval splits exist and hold at least one example."""
+    from medmae_jax.data import sources
+    if config.data.name in sources.SYNTHETIC or config.data.name in sources.IN_MEMORY:
+        return  # generated or read into memory by the task itself
+    for key in ("train_split", "eval_split"):
+        split = config.data.get(key)
+        if not split:
+            continue
+        try:
+            source = sources.open_source(config.data, split)
+            size = len(source)
+        except MedMAEError as e:
+            raise ConfigError(f"{_dataset_label(config)}: split {split!r} (data.{key}) cannot be opened: {e}") from e
+        if size == 0:
+            raise ConfigError(f"{_dataset_label(config)}: split {split!r} (data.{key}) is empty; rebuild with more "
+                              f"cases, edit splits.json, or set --config.data.{key}=...")
+
+
+def check_before_training(config, num_devices: int) -> None:
+    """All checks, cheapest first."""
+    check_mesh(config, num_devices)
+    check_roi(config)
+    if config.data.name in ("nifti_collection", "image_folder"):
+        check_collection(config)
+    check_splits(config)
+
