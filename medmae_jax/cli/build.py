@@ -41,9 +41,11 @@ def run(args, overrides) -> int:
         if args.image_size is not None:
             raise ConfigError(f"--image-size applies to chestxray14, not {args.dataset}")
         if args.dataset == "btcv":
-            from medmae_jax.data.datasets.btcv import Btcv as cls, build_btcv as build
+            from medmae_jax.data.datasets.btcv import Btcv as cls
+            from medmae_jax.data.datasets.btcv import build_btcv as build
         else:
-            from medmae_jax.data.datasets.msd_brain_tumour import MsdBrainTumour as cls, build_msd_brain_tumour as build
+            from medmae_jax.data.datasets.msd_brain_tumour import MsdBrainTumour as cls
+            from medmae_jax.data.datasets.msd_brain_tumour import build_msd_brain_tumour as build
         name = args.config or cls.DEFAULT_CONFIG_NAME
         known = [c.name for c in cls.BUILDER_CONFIGS]
         if name not in known:
