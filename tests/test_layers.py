@@ -13,7 +13,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "medmae_jax"
 #: Lowest first. A module may import its own layer and the layers below. Names are dotted paths under the package;
 #: the longest matching prefix places a module (so ``data.labels`` sits below the rest of ``data``).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "data.labels", "console", "config_base", "config_loading"),  # leaves: errors, labels, helpers
+    # leaves: errors, labels, helpers for configs and the console
+    ("errors", "data.labels", "console", "config_base", "config_loading", "flag_args"),
     ("models", "data", "visualize"),
     ("evaluate", "summaries"),
     ("interop",),
