@@ -1,7 +1,9 @@
-"""MAE3D self pre-training on a user's own NIfTI collection (``medmae-jax build nifti --name NAME``), ``pretrain`` split.
+"""MAE3D self pre-training on a user's own NIfTI collection (``medmae-jax build nifti --name NAME``),
+``pretrain`` split.
 
-Args: ``dataset=NAME`` (the --name of the build; needed to train), ``data_dir=data`` (the --data-dir of the build), ``quick``, ``roi=96``,
-``mask_ratio=0.75``, ``epochs=1000``. The channel count comes from ``DATA_DIR/NAME/collection.json``.
+Args: ``dataset=NAME`` (the --name of the build; needed to train), ``data_dir=data`` (the --data-dir of the build),
+``quick``, ``roi=96``, ``mask_ratio=0.75``, ``epochs=1000``.
+The channel count comes from ``DATA_DIR/NAME/collection.json``.
 Example: ``medmae-jax train --config configs/nifti_mae3d.py:dataset=mine,data_dir=data --workdir runs/mine_mae``.
 """
 

@@ -15,7 +15,6 @@ from medmae_jax.data.datasets import nifti_collection_builder as ncb
 from medmae_jax.main import main
 
 
-
 def _btcv(shared):
     return shared / "layouts" / "btcv" / "RawData" / "Training"
 
@@ -75,7 +74,8 @@ def test_nnunet_and_plain_folder_builds(shared_data, tmp_path, capsys):
     for k in (1, 2):
         shutil.copy(_btcv(shared_data) / "img" / f"img000{k}.nii.gz", root / "imagesTr" / f"ab_{k:03d}_0000.nii.gz")
         shutil.copy(_btcv(shared_data) / "label" / f"label000{k}.nii.gz", root / "labelsTr" / f"ab_{k:03d}.nii.gz")
-    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {f"c{k}": k for k in range(14)}}))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"},
+                                                   "labels": {f"c{k}": k for k in range(14)}}))
     out = _build(["--manual-dir", str(root), "--data-dir", str(tmp_path / "built"), "--name", "nn",
                   "--val-fraction", "0.5", "--spacing", "3", "3", "3"], capsys)
     assert out["splits"] == {"pretrain": 2, "train": 1, "validation": 1}

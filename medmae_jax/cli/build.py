@@ -26,14 +26,16 @@ def add_arguments(parser):
     own.add_argument("--name", default=None, help="data set name: written to DATA_DIR/NAME (configs' dataset=NAME)")
     own.add_argument("--datalist", default=None, help="MSD/MONAI dataset.json (default: MANUAL_DIR/dataset.json if it "
                                                       "has a 'training' list, else nnU-Net imagesTr/ or every volume)")
-    own.add_argument("--modality", choices=("ct", "mr"), default="ct", help="default intensity rule (ct window / z-score)")
+    own.add_argument("--modality", choices=("ct", "mr"), default="ct",
+                     help="default intensity rule (ct window / z-score)")
     own.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.0), metavar=("X", "Y", "Z"),
                      help="target voxel size in mm (default 1.5 1.5 2.0)")
     own.add_argument("--intensity", default=None,
                      help="ct-window:LO,HI | percentile:P,Q | zscore-nonzero (default by --modality)")
     own.add_argument("--val-fraction", type=float, default=0.2, help="share of labeled patients for validation")
     own.add_argument("--folds", type=int, default=0, help="> 0: patient folds, --fold is validation")
-    own.add_argument("--fold", type=int, default=0, help="the validation fold when --folds > 0 or the datalist has folds")
+    own.add_argument("--fold", type=int, default=0,
+                     help="the validation fold when --folds > 0 or the datalist has folds")
     own.add_argument("--seed", type=int, default=0, help="seed of the patient shuffle (splits.json keeps the result)")
 
 
@@ -56,9 +58,11 @@ def run(args, overrides) -> int:
         if args.image_size is not None:
             raise ConfigError(f"--image-size applies to chestxray14, not {args.dataset}")
         if args.dataset == "btcv":
-            from medmae_jax.data.datasets.btcv import Btcv as cls, build_btcv as build
+            from medmae_jax.data.datasets.btcv import Btcv as cls
+            from medmae_jax.data.datasets.btcv import build_btcv as build
         else:
-            from medmae_jax.data.datasets.msd_brain_tumour import MsdBrainTumour as cls, build_msd_brain_tumour as build
+            from medmae_jax.data.datasets.msd_brain_tumour import MsdBrainTumour as cls
+            from medmae_jax.data.datasets.msd_brain_tumour import build_msd_brain_tumour as build
         name = args.config or cls.DEFAULT_CONFIG_NAME
         known = [c.name for c in cls.BUILDER_CONFIGS]
         if name not in known:
@@ -72,7 +76,8 @@ def run(args, overrides) -> int:
 
 
 def _build_nifti(args):
-    from medmae_jax.data.datasets import collection_splits, nifti_collection_builder as ncb
+    from medmae_jax.data.datasets import collection_splits
+    from medmae_jax.data.datasets import nifti_collection_builder as ncb
     from medmae_jax.errors import ConfigError
     if not args.name:
         raise ConfigError("build nifti needs --name NAME (the data set folder under --data-dir)")

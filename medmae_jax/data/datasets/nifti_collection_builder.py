@@ -47,10 +47,12 @@ def parse_intensity(spec: str) -> tuple[str, tuple[float, ...]]:
         values = tuple(float(v) for v in rest.split(",")) if rest else ()
     except ValueError:
         values = None
-    ok = (kind in ("ct-window", "percentile") and values is not None and len(values) == 2 and values[0] < values[1]) or \
+    ok = (kind in ("ct-window", "percentile") and values is not None and len(values) == 2
+          and values[0] < values[1]) or \
          (kind == "zscore-nonzero" and values == ())
     if not ok:
-        raise ConfigError(f"--intensity {spec!r}: use ct-window:LO,HI, percentile:P,Q (0 <= P < Q <= 100) or zscore-nonzero")
+        raise ConfigError(f"--intensity {spec!r}: use ct-window:LO,HI, percentile:P,Q (0 <= P < Q <= 100) or "
+                          f"zscore-nonzero")
     if kind == "percentile" and not (0 <= values[0] and values[1] <= 100):
         raise ConfigError(f"--intensity {spec!r}: percentiles must lie in [0, 100]")
     return kind, values
@@ -65,7 +67,8 @@ def normalize(image: np.ndarray, intensity: str) -> tuple[np.ndarray, np.ndarray
     if kind == "percentile":
         # MONAI ScaleIntensityRangePerciles(lower, upper, 0, 1, clip=True, channel_wise=True)
         lo, hi = np.percentile(image.reshape(-1, image.shape[-1]), values, axis=0)
-        out = np.stack([transforms.scale_intensity_range(image[..., c], lo[c], hi[c] if hi[c] > lo[c] else lo[c] + 1, 0.0, 1.0)
+        out = np.stack([transforms.scale_intensity_range(image[..., c], lo[c], hi[c] if hi[c] > lo[c] else lo[c] + 1,
+                                                         0.0, 1.0)
                         for c in range(image.shape[-1])], -1)
         return out, (out > 0).any(-1)
     return transforms.normalize_nonzero(image, channel_axis=-1), (image != 0).any(-1)
@@ -89,7 +92,8 @@ def preprocess(case: CollectionCase, class_values: list[int], prep: Preprocessin
         image = transforms.crop(image, start, stop)
         label = None if label is None else transforms.crop(label, start, stop)
     if label is not None:
-        label = np.searchsorted(np.asarray(class_values), label).astype(np.uint8) if class_values else label.astype(np.uint8)
+        label = (np.searchsorted(np.asarray(class_values), label).astype(np.uint8) if class_values
+                 else label.astype(np.uint8))
     else:
         label = np.zeros((0, 0, 0), np.uint8)
     return {"image": np.ascontiguousarray(image, np.float32), "label": np.ascontiguousarray(label),
@@ -100,7 +104,8 @@ class NiftiCollection(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Any NIfTI collection (datalist, nnU-Net or plain folder); splits from ``splits.json``."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "RAS, chosen spacing and intensity rule, foreground crop; pretrain/train/validation/test."}
+    RELEASE_NOTES = {
+        "1.0.0": "RAS, chosen spacing and intensity rule, foreground crop; pretrain/train/validation/test."}
 
     def __init__(self, *, collection: Optional[Collection] = None, splits: Optional[dict] = None,
                  preprocessing: Preprocessing = Preprocessing(), **kwargs):

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 FILE_FORMAT = "array_record"
 
 
-def array_feature(shape: Sequence[Optional[int]], dtype, *, doc: str = "", compress: bool = True) -> tfds.features.Tensor:
+def array_feature(shape: Sequence[Optional[int]], dtype, *, doc: str = "",
+                  compress: bool = True) -> tfds.features.Tensor:
     """A numpy array feature. With unknown dims the shape is stored with the data, zlib-compressed
     (``compress``: for label maps, ~50x smaller) or as raw bytes (for float volumes, which compress
     poorly and are read every step: no decompression cost in the input pipeline)."""
