@@ -39,7 +39,8 @@ def test_own_collection_build_pretrain_finetune_evaluate_predict(tmp_path, capsy
         "training": [{"image": f"images/case{k}.nii.gz", "label": f"labels/case{k}.nii.gz"} for k in (1, 2)],
         "unlabeled": ["images/extra.nii"]}))
     built = tmp_path / "data"
-    _run(capsys, "build", "nifti", "--manual-dir", src, "--data-dir", built, "--name", "mine", "--spacing", "3", "3", "3",
+    _run(capsys, "build", "nifti", "--manual-dir", src, "--data-dir", built, "--name", "mine",
+         "--spacing", "3", "3", "3",
          "--val-fraction", "0.5", "--no-progress")
     data = f"dataset=mine,data_dir={built}"
     mae, ft = tmp_path / "mae", tmp_path / "ft"

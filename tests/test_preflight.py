@@ -44,5 +44,6 @@ def test_channel_count_must_match_the_collection(tmp_path):
 def test_missing_split_is_named_before_training(tmp_path):
     c = _collection_config(tmp_path)
     c.data.train_split = "pretrain"
-    with pytest.raises(ConfigError, match=r"nifti_collection in .*mine: split 'pretrain' \(data.train_split\) cannot be opened"):
+    wanted = r"nifti_collection in .*mine: split 'pretrain' \(data.train_split\) cannot be opened"
+    with pytest.raises(ConfigError, match=wanted):
         preflight.check_splits(c)

@@ -8,7 +8,8 @@ sigmoid > threshold (regions, turned back into the label convention's values: MS
 same shape and affine (header copied from the first input).
 
 Inputs: one 3-D CT (BTCV); a user's collection (``build nifti``): what its images were, preprocessed as
-recorded in its ``collection.json``, labels written with its own values; one 4-D MRI (MSD, 4 channels) or four 3-D files in the channel order
+recorded in its ``collection.json``, labels written with its own values; one 4-D MRI (MSD, 4 channels) or four
+3-D files in the channel order
 FLAIR, T1w, t1gd, T2w. Configs trained on ``synthetic3d`` use the BTCV (multiclass) or MSD
 (regions) preprocessing.
 """

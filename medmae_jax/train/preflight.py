@@ -48,7 +48,8 @@ def check_collection(config) -> None:
     if config.task == "segmentation" and config.segmentation.kind == "multiclass" \
             and int(info["num_classes"]) != int(config.segmentation.num_classes):
         raise ConfigError(f"{info.get('name')}: the data set has {info['num_classes']} classes ({where}) but "
-                          f"segmentation.num_classes is {config.segmentation.num_classes}; drop the override or rebuild")
+                          f"segmentation.num_classes is {config.segmentation.num_classes}; "
+                          f"drop the override or rebuild")
 
 
 def check_splits(config) -> None:
