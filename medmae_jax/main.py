@@ -18,7 +18,9 @@ from medmae_jax.errors import MedMAEError
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     rest, overrides = [], []
-    for arg in argv:
+    for i, arg in enumerate(argv):
+        if arg == "--":  # everything after a bare -- belongs to a wrapped command (launch)
+            return rest + argv[i:], overrides
         (overrides.append(arg[len("--config."):]) if arg.startswith("--config.") else rest.append(arg))
     return rest, overrides
 
