@@ -26,14 +26,30 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         if not eq:
             out[key] = True
             continue
-        default = out[key]
-        if isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, (int, float)):
-            out[key] = type(default)(float(value)) if isinstance(default, int) else float(value)
-        else:
-            out[key] = value
+        out[key] = _typed_arg(key, value, out[key])
     return ml_collections.ConfigDict(out)
+
+
+def _typed_arg(key: str, value: str, default):
+    """``value`` in the type of ``default``; a value that does not fit is a one-line ConfigError."""
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"config argument :{key}={value}: expected a boolean (true/false)")
+    if isinstance(default, (int, float)):
+        try:
+            number = float(value)
+        except ValueError:
+            kind = "an integer" if isinstance(default, int) else "a number"
+            raise ConfigError(f"config argument :{key}={value}: expected {kind} (default {default})") from None
+        if isinstance(default, int):
+            if number != int(number):
+                raise ConfigError(f"config argument :{key}={value}: expected an integer (default {default})")
+            return int(number)
+        return number
+    return value
 
 
 def base_config() -> ml_collections.ConfigDict:

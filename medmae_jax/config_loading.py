@@ -1,7 +1,9 @@
-"""``--config file.py:arg`` loading and ``--config.a.b=value`` overrides with clear errors.
+"""``--config NAME|file.py[:arg]`` loading and ``--config.a.b=value`` overrides with clear errors.
 
-A misspelt key fails with the key, the closest existing names and the file;
-a value that does not fit the field's type fails with both.
+A name (``btcv_mae3d``, ``btcv_mae3d.py``) is looked up among the shipped configs
+(``medmae_jax/configs`` when installed, the checkout's top-level ``configs/`` otherwise);
+anything that exists as a file is loaded as a path. A misspelt key fails with the key,
+the closest existing names and the file; a value that does not fit the field's type fails with both.
 """
 
 from __future__ import annotations
@@ -11,17 +13,44 @@ import difflib
 import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import ml_collections
 
 from medmae_jax.errors import ConfigError
 
 
+def shipped_configs_dir() -> Path:
+    """The folder of shipped configs: package data when installed, ``configs/`` of a source checkout."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    folder = shipped_configs_dir()
+    return sorted(p.stem for p in folder.glob("*.py") if not p.name.startswith("_")) if folder.is_dir() else []
+
+
+def resolve_config_path(path: str) -> str:
+    """An existing file as given, else a shipped config of that name (``.py`` optional)."""
+    if os.path.isfile(path):
+        return path
+    name = path[:-3] if path.endswith(".py") else path
+    if name and os.sep not in name and "/" not in name:
+        candidate = shipped_configs_dir() / f"{name}.py"
+        if candidate.is_file():
+            return str(candidate)
+    names = shipped_config_names()
+    close = difflib.get_close_matches(os.path.basename(name), names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped configs: {', '.join(names)}"
+    raise ConfigError(f"config {path!r} is neither a file nor a shipped config name{hint}")
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """``path/to/config.py[:arg]`` -> ``get_config(arg)`` of that file."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found")
+    """``NAME|path/to/config.py[:arg]`` -> ``get_config(arg)`` of that file."""
+    given, _, arg = spec.partition(":")
+    path = resolve_config_path(given)
     module_name = f"_medmae_config_{abs(hash(os.path.abspath(path)))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)

@@ -1,7 +1,8 @@
 """Command line: ``medmae-jax train|evaluate|predict|reconstruct|demo|benchmark|convert|build ...``.
 
-Configs are ``--config path/to/file.py[:arg]`` plus any number of
-``--config.key=value`` overrides (checked against the config's fields).
+Configs are ``--config NAME|path/to/file.py[:arg]`` plus any number of ``--config.key=value``
+(or ``--config.key value``) overrides, checked against the config's fields, and ``--flagfile FILE``
+(one flag per line, as absl's ``config_flags``; see medmae_jax/flag_args.py).
 """
 
 from __future__ import annotations
@@ -14,15 +15,7 @@ import sys
 from medmae_jax.cli import COMMANDS
 from medmae_jax.console import set_progress
 from medmae_jax.errors import MedMAEError
-
-
-def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    rest, overrides = [], []
-    for i, arg in enumerate(argv):
-        if arg == "--":  # everything after a bare -- belongs to a wrapped command (launch)
-            return rest + argv[i:], overrides
-        (overrides.append(arg[len("--config."):]) if arg.startswith("--config.") else rest.append(arg))
-    return rest, overrides
+from medmae_jax.flag_args import expand_flagfiles, split_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    rest, overrides = _split_overrides(argv)
+    try:
+        # Everything after a bare -- belongs to a wrapped command (launch) and is passed on untouched.
+        cut = argv.index("--") if "--" in argv else len(argv)
+        rest, overrides = split_overrides(expand_flagfiles(argv[:cut]))
+        rest += argv[cut:]
+    except MedMAEError as exc:
+        print(f"medmae-jax: error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(rest)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(message)s")

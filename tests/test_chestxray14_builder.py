@@ -22,6 +22,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from medmae_jax.data import png  # noqa: E402
 from medmae_jax.data.datasets import chestxray14 as cxr  # noqa: E402
+from medmae_jax.data.labels import CXR14_LABELS  # noqa: E402
 from medmae_jax.errors import DataError  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
@@ -115,7 +116,7 @@ def test_feature_spec_and_naming(built):
     assert f["image"].shape == (SIZE, SIZE, 1) and f["image"].np_dtype == np.uint8
     assert f["labels"].shape == (14,) and f["labels"].np_dtype == np.float32
     assert set(f.keys()) == {"image", "labels", "patient_id", "view_position", "image_name"}
-    assert builder.info.metadata["label_names"] == list(cxr.LABELS)
+    assert builder.info.metadata["label_names"] == list(CXR14_LABELS)
     assert cxr.config_name(256) == cxr.ChestXray14.DEFAULT_CONFIG_NAME == "s256"
     assert cxr.config_name(32, 0.25, 1) == "s32_val0.25_seed1"
 
@@ -130,7 +131,7 @@ def test_splits_labels_and_images(built):
     for split, examples in data.items():
         for name, ex in examples.items():
             row = BY_NAME[name]
-            expected = np.array([float(row[f"chexnet_{lab}"]) for lab in cxr.LABELS], np.float32)
+            expected = np.array([float(row[f"chexnet_{lab}"]) for lab in CXR14_LABELS], np.float32)
             np.testing.assert_array_equal(ex["labels"], expected, err_msg=name)
             assert int(ex["patient_id"]) == int(row["Patient ID"])
             assert bytes(ex["view_position"]).decode() == row["View Position"]

@@ -71,3 +71,47 @@ def test_real_data_without_a_built_data_set_is_a_clear_error(tmp_path, capsys):
     code = main(["train", "--config", str(REPO / "configs/btcv_mae3d.py:quick"), "--workdir", str(tmp_path)])
     assert code == 2
     assert "data.data_dir" in capsys.readouterr().err
+
+
+def test_shipped_config_names_resolve_like_paths():
+    by_name = config_loading.load_config("btcv_mae3d:quick,mask_ratio=0.5")
+    by_file_name = config_loading.load_config("btcv_mae3d.py:quick,mask_ratio=0.5")
+    by_path = config_loading.load_config(str(REPO / "configs/btcv_mae3d.py:quick,mask_ratio=0.5"))
+    assert by_name.to_dict() == by_file_name.to_dict() == by_path.to_dict()
+    assert "cxr14_mae" in config_loading.shipped_config_names()
+    with pytest.raises(ConfigError, match="did you mean btcv_mae3d"):
+        config_loading.load_config("btcv_mae:quick")
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("mask_ratio=abc", "config argument :mask_ratio=abc: expected a number"),
+    ("epochs=ten", "config argument :epochs=ten: expected a number"),
+    ("quick=maybe", "config argument :quick=maybe: expected a boolean"),
+])
+def test_bad_config_argument_value_is_one_clear_line(tmp_path, capsys, arg, message):
+    code = main(["train", "--config", f"cxr14_mae:{arg}", "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_space_separated_overrides_and_flagfile(tmp_path):
+    from medmae_jax.flag_args import expand_flagfiles, split_overrides
+    inner = tmp_path / "inner.flags"
+    inner.write_text("--config.model.mask_ratio=0.5\n")
+    flags = tmp_path / "run.flags"
+    flags.write_text(f"# comment\n// comment too\n--config=cxr14_mae:quick\n--config.batch_size 8\n"
+                     f"--flagfile={inner}\n--workdir {tmp_path / 'w'}\n")
+    argv = expand_flagfiles(["train", "--flagfile", str(flags), "--config.optimizer.base_lr", "1e-3", "--no-progress"])
+    rest, overrides = split_overrides(argv)
+    assert rest == ["train", "--config=cxr14_mae:quick", "--workdir", str(tmp_path / "w"), "--no-progress"]
+    assert overrides == ["batch_size=8", "model.mask_ratio=0.5", "optimizer.base_lr=1e-3"]
+    c = config_loading.config_from_args("cxr14_mae:quick", overrides)
+    assert (c.batch_size, c.model.mask_ratio, c.optimizer.base_lr) == (8, 0.5, 1e-3)
+
+
+def test_flag_convention_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["train", "--flagfile", str(tmp_path / "missing.flags")]) == 2
+    assert "--flagfile" in capsys.readouterr().err
+    assert main(["train", "--config", "cxr14_mae:quick", "--workdir", str(tmp_path), "--config.batch_size"]) == 2
+    err = capsys.readouterr().err
+    assert "--config.batch_size: expected a value" in err and len(err.strip().splitlines()) == 1

@@ -17,6 +17,7 @@ pytest.importorskip("tensorflow_datasets")
 
 from medmae_jax import config_loading  # noqa: E402
 from medmae_jax.data.datasets import chestxray14 as cxr  # noqa: E402
+from medmae_jax.data.labels import CXR14_LABELS  # noqa: E402
 from medmae_jax.main import main  # noqa: E402
 from medmae_jax.tasks.classification import evaluate_checkpoint  # noqa: E402
 
@@ -91,8 +92,8 @@ def test_pretrain_finetune_evaluate_on_real_xrays(runs):
     # The final report on the official-style test split.
     report = evaluate_checkpoint(config, str(ft_dir), "test")
     test_rows = [r for r in ROWS if int(r["Patient ID"]) in TEST_PATIENTS]
-    labels = np.array([[float(r[f"chexnet_{n}"]) for n in cxr.LABELS] for r in test_rows])
-    one_class = [n for n, col in zip(cxr.LABELS, labels.T) if len(np.unique(col)) == 1]
+    labels = np.array([[float(r[f"chexnet_{n}"]) for n in CXR14_LABELS] for r in test_rows])
+    one_class = [n for n, col in zip(CXR14_LABELS, labels.T) if len(np.unique(col)) == 1]
     assert report["num_examples"] == len(test_rows) and report["step"] == config.num_train_steps
     assert sorted(report["undefined_labels"]) == sorted(one_class) and one_class, "some labels are undefined here"
     assert report["num_labels_defined"] == 14 - len(one_class) > 0
@@ -146,7 +147,7 @@ def test_nih1000_folders_are_checked_for_patient_leakage():
             row = by_rel[source.names[i]]
             ex = source[i]
             assert ex["image"].shape == (64, 64, 1) and ex["image"].dtype == np.uint8
-            np.testing.assert_array_equal(ex["labels"], [float(row[f"chexnet_{n}"]) for n in cxr.LABELS])
+            np.testing.assert_array_equal(ex["labels"], [float(row[f"chexnet_{n}"]) for n in CXR14_LABELS])
             if int(row["Patient ID"]) not in moved:  # everyone else stays in their folder
                 assert folder[row["relpath"].split("/")[1]] == split
 

@@ -98,7 +98,7 @@ def run(args, overrides) -> int:
     from medmae_jax.data import nifti
     from medmae_jax.errors import ConfigError, DataError
     from medmae_jax.tasks import get_task
-    from medmae_jax.tasks.segmentation import regions_to_label
+    from medmae_jax.data.labels import regions_to_label
     path = checkpoint_path(args.checkpoint, args.best)
     args.checkpoint = path
     config = load_config(args, overrides)

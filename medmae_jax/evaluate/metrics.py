@@ -19,34 +19,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 from scipy import ndimage, stats
 
+from medmae_jax.data.labels import BTCV_8_ORGANS, BTCV_13_ORGANS, BTCV_LABELS, REGION_CONVENTIONS, REGIONS
+
 ArrayLike = Union[np.ndarray, Sequence]
-
-# --------------------------------------------------------------------------------------
-# Label conventions
-# --------------------------------------------------------------------------------------
-
-#: BTCV (Synapse multi-atlas abdomen) organ labels.
-BTCV_LABELS: dict[int, str] = {
-    1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "gallbladder", 5: "esophagus",
-    6: "liver", 7: "stomach", 8: "aorta", 9: "ivc", 10: "portal_splenic_veins",
-    11: "pancreas", 12: "right_adrenal", 13: "left_adrenal",
-}
-#: All 13 BTCV organs (the standard mean).
-BTCV_13_ORGANS: tuple[int, ...] = tuple(range(1, 14))
-#: The 8 organs SelfMedMAE / TransUNet also average: spleen, kidneys R/L, gallbladder, liver, stomach, aorta, pancreas.
-BTCV_8_ORGANS: tuple[int, ...] = (1, 2, 3, 4, 6, 7, 8, 11)
-
-#: Brain-tumour region definitions (which labels make each region), by label convention.
-#: ``msd``: MSD Task01 dataset.json (1 edema, 2 non-enhancing tumour, 3 enhancing tumour).
-#: ``monai_tutorial``: MONAI's BraTS tutorial / SelfMedMAE on MSD files (ET = {2}, contradicts dataset.json).
-#: ``brats``: BraTS challenge files (1 necrotic/non-enhancing core, 2 edema, 4 enhancing).
-REGION_CONVENTIONS: dict[str, dict[str, tuple[int, ...]]] = {
-    "msd": {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
-    "monai_tutorial": {"WT": (1, 2, 3), "TC": (2, 3), "ET": (2,)},
-    "brats": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)},
-}
-REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
-
 
 # --------------------------------------------------------------------------------------
 # Input checks

@@ -20,11 +20,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from medmae_jax.data.labels import BTCV_8_ORGANS, BTCV_LABELS, REGIONS, class_names
 from medmae_jax.evaluate import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
 
-REPORT_REGION_ORDER = ("WT", "TC", "ET")
+REPORT_REGION_ORDER = REGIONS
 
 
 def _as_str(x) -> str:
@@ -93,7 +94,7 @@ class SplitResult:
                 continue
             out[f"mean_{key}"] = _finite_or_none(_nanmean(per_class))
             if self.btcv:
-                idx = [c - 1 for c in metrics_lib.BTCV_8_ORGANS]
+                idx = [c - 1 for c in BTCV_8_ORGANS]
                 out[f"mean_{key}_8"] = _finite_or_none(_nanmean(per_class[idx]))
         return out
 
@@ -154,7 +155,6 @@ class SplitResult:
 
 def report_order(config) -> tuple[tuple[str, ...], list[int]]:
     """(reported names, output channel of each) — regions reported as WT, TC, ET when present."""
-    from medmae_jax.tasks.segmentation import class_names
     s = config.segmentation
     if s.kind == "regions":
         regions = list(s.regions)
@@ -297,5 +297,5 @@ def evaluate_split(task, params: Any, split: str, *, limit: Optional[int] = None
                              title=f"{case_id} ({split})", others=others)
             figures += 1
         log.info("%s %s: mean Dice %.4f", split, case_id, float(_nanmean(result.dice)))
-    btcv = s.kind == "multiclass" and int(s.num_classes) == len(metrics_lib.BTCV_LABELS) + 1
+    btcv = s.kind == "multiclass" and int(s.num_classes) == len(BTCV_LABELS) + 1
     return SplitResult(split, s.kind, names, cases, btcv=btcv, unlabelled=unlabelled)

@@ -36,7 +36,7 @@ import numpy as np
 
 from medmae_jax import config_base
 from medmae_jax.data import png
-from medmae_jax.data.datasets.synthetic import CXR14_LABELS
+from medmae_jax.data.labels import CXR14_LABELS
 from medmae_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

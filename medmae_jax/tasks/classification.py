@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from medmae_jax.data import augment_2d
-from medmae_jax.data.datasets.synthetic import CXR14_LABELS
+from medmae_jax.data.labels import CXR14_LABELS
 from medmae_jax.data.pipeline import evaluation_batches
 from medmae_jax.errors import ConfigError, ConversionError
 from medmae_jax.evaluate.metrics import AUCResult, roc_auc_per_class

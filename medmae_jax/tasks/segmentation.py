@@ -58,6 +58,7 @@ import ml_collections
 import numpy as np
 
 from medmae_jax.data import transforms
+from medmae_jax.data.labels import label_to_regions, region_definition, regions_to_label
 from medmae_jax.errors import ConfigError
 from medmae_jax.evaluate import metrics as metrics_lib
 from medmae_jax.models.unetr import MONAI_SKIP_LAYERS, UNETR
@@ -68,8 +69,6 @@ from medmae_jax.tasks.model_builders import encoder_kwargs
 log = logging.getLogger(__name__)
 
 KINDS = ("multiclass", "regions")
-# Region-convention names of the MSD builder mapped onto evaluate/metrics.py's names.
-CONVENTION_ALIASES = {"msd": "msd", "monai": "monai_tutorial", "monai_tutorial": "monai_tutorial", "brats": "brats"}
 # Synthetic phantom organ (BTCV number) -> MSD dataset.json label, for the ``regions`` stand-in.
 PHANTOM_TO_MSD = {6: 1, 1: 2, 2: 3, 3: 3}
 
@@ -185,48 +184,6 @@ def sigmoid_dice_bce_loss(logits: jax.Array, masks: jax.Array, *, lambda_dice: f
 # ----------------------------------------------------------------------------------------------------------------
 # Labels and regions
 # ----------------------------------------------------------------------------------------------------------------
-def region_definition(convention: str) -> dict[str, tuple[int, ...]]:
-    """Label values of each region (WT/TC/ET) under ``convention``: ``msd``, ``monai``/``monai_tutorial``, ``brats``."""
-    name = CONVENTION_ALIASES.get(convention)
-    if name is None:
-        raise ConfigError(f"segmentation.label_convention must be one of {sorted(CONVENTION_ALIASES)}, "
-                          f"got {convention!r}")
-    return metrics_lib.REGION_CONVENTIONS[name]
-
-
-def label_to_regions(label: np.ndarray, regions: Sequence[str], convention: str) -> np.ndarray:
-    """Multi-hot masks ``(*spatial, R)`` uint8 in the order of ``regions`` from a label map."""
-    definition = region_definition(convention)
-    return np.stack([np.isin(label, definition[r]) for r in regions], -1).astype(np.uint8)
-
-
-def regions_to_label(masks: np.ndarray, regions: Sequence[str], convention: str) -> np.ndarray:
-    """A label map from region masks ``(*spatial, R)``: WT, then TC, then ET painted with the label that only that
-    region adds (MSD: edema 1, non-enhancing 2, enhancing 3). ``regions`` must contain WT, TC and ET."""
-    definition = region_definition(convention)
-    order = [r for r in ("WT", "TC", "ET") if r in regions]
-    if order != ["WT", "TC", "ET"]:
-        raise ConfigError(f"a label map needs the regions WT, TC and ET, got {tuple(regions)}")
-    value = {"WT": set(definition["WT"]) - set(definition["TC"]), "TC": set(definition["TC"]) - set(definition["ET"]),
-             "ET": set(definition["ET"])}
-    out = np.zeros(masks.shape[:-1], np.uint8)
-    for r in order:
-        if len(value[r]) != 1:
-            raise ConfigError(f"convention {convention!r}: region {r} adds labels {sorted(value[r])}, not exactly one")
-        out[np.asarray(masks[..., list(regions).index(r)]).astype(bool)] = next(iter(value[r]))
-    return out
-
-
-def class_names(config) -> tuple[str, ...]:
-    """Names of the evaluated outputs: BTCV organs (multiclass, 14 classes) or the regions."""
-    s = config.segmentation
-    if s.kind == "regions":
-        return tuple(s.regions)
-    if s.num_classes == len(metrics_lib.BTCV_LABELS) + 1:
-        return tuple(metrics_lib.BTCV_LABELS[c] for c in range(1, s.num_classes))
-    return tuple(f"class_{c}" for c in range(1, s.num_classes))
-
-
 class SyntheticTumourSource:
     """A ``synthetic3d`` phantom source dressed as MSD brain-tumour data (see the module docstring)."""
 

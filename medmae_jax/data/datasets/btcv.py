@@ -30,18 +30,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from medmae_jax.data import nifti, transforms
+from medmae_jax.data.labels import BTCV_NUM_CLASSES
 from medmae_jax.data.datasets import tfds_utils
 from medmae_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES = (
-    "background", "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach",
-    "aorta", "inferior vena cava", "portal and splenic veins", "pancreas", "right adrenal gland",
-    "left adrenal gland",
-)
-NUM_CLASSES = len(CLASS_NAMES)  # 14 with background
-EIGHT_ORGANS = (1, 2, 3, 4, 6, 7, 8, 11)  # SelfMedMAE's 8-organ mean: spleen, kidneys, gallbladder, liver, stomach, aorta, pancreas
 
 ALL_TRAINING_CASES = tuple(range(1, 11)) + tuple(range(21, 41))
 MONAI_VAL = tuple(range(35, 41))
@@ -115,7 +109,7 @@ def find_test_images(manual_dir: str) -> dict[int, str]:
 
 def preprocess(image_path: str, label_path: Optional[str], config: BtcvConfig) -> dict:
     """One case as an example dict (the deterministic part of the BTCV pipeline)."""
-    case = nifti.load_case(image_path, label_path, pixdim=config.pixdim, channels=1, num_classes=NUM_CLASSES)
+    case = nifti.load_case(image_path, label_path, pixdim=config.pixdim, channels=1, num_classes=BTCV_NUM_CLASSES)
     image = transforms.scale_intensity_range(case.image, config.a_min, config.a_max, 0.0, 1.0, clip=True)
     start, stop = transforms.foreground_box(image)
     if case.label is not None and case.label.any():

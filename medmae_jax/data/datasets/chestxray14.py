@@ -36,15 +36,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from medmae_jax.data import png
+from medmae_jax.data.labels import CXR14_LABELS
 from medmae_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 NAME = "chestxray14"
-LABELS: Tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-)  # the standard ChestX-ray14 order (CheXNet, SelfMedMAE, medical_mae)
 NO_FINDING = "No Finding"
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_VALIDATION_FRACTION = 0.1
@@ -126,7 +123,7 @@ def make_config(
 class Entry:
     """One row of the official label table."""
 
-    labels: np.ndarray  # (14,) float32 multi-hot in LABELS order
+    labels: np.ndarray  # (14,) float32 multi-hot in CXR14_LABELS order
     patient_id: int
     view_position: str
 
@@ -185,15 +182,15 @@ def parse_findings(text: str, *, where: str) -> np.ndarray:
     """``"Mass|Nodule"`` -> 14-way float32 multi-hot; ``"No Finding"`` -> zeros; unknown names raise DataError."""
     findings = [f.strip() for f in text.split("|")]
     if findings == [NO_FINDING]:
-        return np.zeros(len(LABELS), np.float32)
-    unknown = [f for f in findings if f not in LABELS]
+        return np.zeros(len(CXR14_LABELS), np.float32)
+    unknown = [f for f in findings if f not in CXR14_LABELS]
     if unknown:
         problem = (
             f"'{NO_FINDING}' combined with findings" if NO_FINDING in unknown else f"unknown finding name(s) {unknown}"
         )
-        raise DataError(where, f"{problem} in Finding Labels {text!r}; known: {', '.join(LABELS)}")
-    labels = np.zeros(len(LABELS), np.float32)
-    labels[[LABELS.index(f) for f in findings]] = 1.0
+        raise DataError(where, f"{problem} in Finding Labels {text!r}; known: {', '.join(CXR14_LABELS)}")
+    labels = np.zeros(len(CXR14_LABELS), np.float32)
+    labels[[CXR14_LABELS.index(f) for f in findings]] = 1.0
     return labels
 
 
@@ -395,8 +392,8 @@ class ChestXray14(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(size, size, 1), dtype=np.uint8, encoding_format="png",
                                              doc="8-bit gray, resized at build time"),
-                "labels": tfds.features.Tensor(shape=(len(LABELS),), dtype=np.float32,
-                                               doc="multi-hot in order " + ", ".join(LABELS) + "; No Finding = 0s"),
+                "labels": tfds.features.Tensor(shape=(len(CXR14_LABELS),), dtype=np.float32,
+                                               doc="multi-hot in order " + ", ".join(CXR14_LABELS) + "; No Finding = 0s"),
                 "patient_id": tfds.features.Scalar(dtype=np.int32, doc="Patient ID column"),
                 "view_position": tfds.features.Text(doc="PA or AP"),
                 "image_name": tfds.features.Text(doc="file name, e.g. 00000001_000.png"),
@@ -417,7 +414,7 @@ class ChestXray14(tfds.core.GeneratorBasedBuilder):
         plan = plan_splits(dl_manager.manual_dir, validation_fraction=cfg.validation_fraction, seed=cfg.seed,
                            skip_missing=cfg.skip_missing)
         self.info.metadata.update({
-            "label_names": list(LABELS),
+            "label_names": list(CXR14_LABELS),
             "image_size": cfg.image_size,
             "validation_fraction": cfg.validation_fraction,
             "seed": cfg.seed,

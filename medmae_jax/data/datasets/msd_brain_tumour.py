@@ -30,28 +30,25 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from medmae_jax.data import nifti, transforms
+from medmae_jax.data import labels, nifti, transforms
 from medmae_jax.data.datasets import tfds_utils
-from medmae_jax.errors import DataError
+from medmae_jax.errors import ConfigError, DataError
 
 TASK = "Task01_BrainTumour"
-REGION_NAMES = ("TC", "WT", "ET")
-LABEL_CONVENTIONS = {
-    # region -> label values, per convention
-    "msd": {"TC": (2, 3), "WT": (1, 2, 3), "ET": (3,)},
-    "monai": {"TC": (2, 3), "WT": (1, 2, 3), "ET": (2,)},
-}
+BUILDER_CONVENTIONS = ("msd", "monai")  # the label conventions of MSD files (medmae_jax.data.labels)
 NUM_FOLDS = 5
 FOLD_SEED = 12345
 
 
 def brats_regions(label: np.ndarray, convention: str = "msd") -> np.ndarray:
     """Multi-hot tumour regions ``(..., 3)`` uint8 in (TC, WT, ET) order from an MSD label map."""
-    if convention not in LABEL_CONVENTIONS:
-        raise ValueError(f"label_convention must be one of {sorted(LABEL_CONVENTIONS)}, got {convention!r}")
-    label = np.asarray(label)
-    regions = LABEL_CONVENTIONS[convention]
-    return np.stack([np.isin(label, regions[r]) for r in REGION_NAMES], -1).astype(np.uint8)
+    _check_convention(convention)
+    return labels.label_to_regions(np.asarray(label), labels.MONAI_REGION_ORDER, convention)
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in BUILDER_CONVENTIONS:
+        raise ConfigError(f"label_convention must be one of {sorted(BUILDER_CONVENTIONS)}, got {convention!r}")
 
 
 def fold_assignment(num_cases: int, num_folds: int = NUM_FOLDS, seed: int = FOLD_SEED) -> np.ndarray:
@@ -149,7 +146,7 @@ def preprocess(image_path: str, label_path: Optional[str], config: MsdBrainTumou
         regions = brats_regions(label, config.label_convention)
     else:
         label = np.zeros((0, 0, 0), np.uint8)
-        regions = np.zeros((0, 0, 0, len(REGION_NAMES)), np.uint8)
+        regions = np.zeros((0, 0, 0, len(labels.MONAI_REGION_ORDER)), np.uint8)
     return {"image": image, "label": label, "regions": regions, "has_label": label.size > 0, **geometry.to_features()}
 
 
@@ -188,8 +185,7 @@ class MsdBrainTumour(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
-        if cfg.label_convention not in LABEL_CONVENTIONS:
-            raise ValueError(f"label_convention must be one of {sorted(LABEL_CONVENTIONS)}, got {cfg.label_convention!r}")
+        _check_convention(cfg.label_convention)
         if not 0 <= cfg.fold < cfg.num_folds:
             raise ValueError(f"fold must be in 0..{cfg.num_folds - 1}, got {cfg.fold}")
         task_dir = find_task_dir(os.fspath(dl_manager.manual_dir))

@@ -15,12 +15,12 @@ from typing import Sequence
 
 import numpy as np
 
-CXR14_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-                "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
+from medmae_jax.data.labels import BTCV_LABELS, BTCV_NUM_CLASSES, CXR14_LABELS
+
 
 # BTCV numbering of the organs the phantom draws.
-PHANTOM_ORGANS = {"spleen": 1, "right_kidney": 2, "left_kidney": 3, "liver": 6, "aorta": 8}
-PHANTOM_NUM_CLASSES = 14  # background + the 13 BTCV organs, so configs match the real data set
+PHANTOM_ORGANS = {name: value for value, name in BTCV_LABELS.items() if value in (1, 2, 3, 6, 8)}
+PHANTOM_NUM_CLASSES = BTCV_NUM_CLASSES  # background + the 13 BTCV organs, so configs match the real data set
 
 
 def _example_rng(seed: int, index: int) -> np.random.Generator:
