@@ -12,7 +12,8 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from medmae_jax.data import nifti  # noqa: E402
-from medmae_jax.data.datasets import btcv, msd_brain_tumour as msd, tfds_utils  # noqa: E402
+from medmae_jax.data.datasets import btcv, tfds_utils  # noqa: E402
+from medmae_jax.data.datasets import msd_brain_tumour as msd
 from medmae_jax.errors import DataError  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -86,7 +87,8 @@ def test_msd_folds_splits_and_examples(msd_dir):
     meta = json.loads((TASK / "dataset.json").read_text())
     ids = [os.path.basename(t["image"]).split(".")[0] for t in meta["training"]]
     folds = msd.fold_assignment(len(ids))
-    expected = {"train": {i for i, f in zip(ids, folds) if f != 0}, "validation": {i for i, f in zip(ids, folds) if f == 0},
+    expected = {"train": {i for i, f in zip(ids, folds) if f != 0},
+                "validation": {i for i, f in zip(ids, folds) if f == 0},
                 "test": {os.path.basename(p).split(".")[0] for p in meta["test"]}}
     assert set(sources) == {k for k, v in expected.items() if v}
     seen = {}

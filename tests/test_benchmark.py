@@ -51,8 +51,9 @@ def test_counts_dots_convs_and_loops_exactly():
 
 def _mae_train_step_flops(config):
     """jaxpr FLOPs of the pre-training loss + gradient + AdamW update, and the model description."""
-    from medmae_jax.tasks.pretrain import PretrainTask
     import flax.linen as nn
+
+    from medmae_jax.tasks.pretrain import PretrainTask
 
     task = PretrainTask(config)
     params = nn.unbox(jax.eval_shape(task.init_variables, jax.random.key(0))["params"])
@@ -184,7 +185,8 @@ FIELDS = ("framework", "framework_version", "platform", "device_kind", "config",
 def test_cli_prints_json_records():
     have_peer = all(__import__("importlib").util.find_spec(m) is not None for m in ("torch", "monai"))
     cmd = [sys.executable, "-m", "medmae_jax.main", "benchmark",
-           "--config", "configs/cxr14_mae.py:quick,data=synthetic", "--config.model.depth=1", "--batch-size", "2", "--steps", "1", "--rounds", "2", "--warmup", "1",
+           "--config", "configs/cxr14_mae.py:quick,data=synthetic", "--config.model.depth=1",
+           "--batch-size", "2", "--steps", "1", "--rounds", "2", "--warmup", "1",
            "--threads", "1"] + (["--against", "monai"] if have_peer else [])
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO), env=env)

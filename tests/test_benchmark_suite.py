@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from medmae_jax.benchmark import suite
 from medmae_jax.config_loading import config_from_args
 

@@ -163,7 +163,8 @@ def test_readback_without_tensorflow_or_this_module(built):
         src = tfds.data_source("chestxray14/s64", data_dir={os.fspath(data_dir)!r})
         ex = src["test"][0]
         print(json.dumps({{"n": {{k: len(v) for k, v in src.items()}}, "shape": list(ex["image"].shape),
-                           "tf": "tensorflow" in sys.modules, "medmae": any(m.startswith("medmae_jax") for m in sys.modules)}}))
+                           "tf": "tensorflow" in sys.modules,
+                           "medmae": any(m.startswith("medmae_jax") for m in sys.modules)}}))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]

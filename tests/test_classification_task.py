@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from medmae_jax import config_loading
 from medmae_jax.data import augment_2d, pipeline
 from medmae_jax.errors import ConversionError

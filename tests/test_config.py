@@ -5,9 +5,9 @@ import json
 import os
 
 import pytest
-
 from conftest import REPO
-from medmae_jax import config_base, config_loading
+
+from medmae_jax import config_loading
 from medmae_jax.errors import ConfigError
 from medmae_jax.main import main
 
@@ -26,7 +26,8 @@ def test_every_config_loads(path, arg):
 
 def test_paper_settings_of_the_pretraining_configs():
     cxr = config_loading.load_config(str(REPO / "configs/cxr14_mae.py"))
-    assert (cxr.model.variant, cxr.model.input_size, cxr.model.mask_ratio, cxr.num_epochs) == ("B/16", (224, 224), 0.75, 800)
+    assert (cxr.model.variant, cxr.model.input_size, cxr.model.mask_ratio, cxr.num_epochs) == (
+        "B/16", (224, 224), 0.75, 800)
     btcv = config_loading.load_config(str(REPO / "configs/btcv_mae3d.py:mask_ratio=0.5"))
     assert btcv.model.input_size == (96, 96, 96) and btcv.model.in_channels == 1 and btcv.model.mask_ratio == 0.5
     assert (btcv.model.decoder_width, btcv.model.decoder_depth, btcv.model.decoder_heads) == (384, 8, 12)

@@ -1,14 +1,13 @@
 """``medmae-jax convert`` both ways, exact round trips, and converted weights used by the normal CLI."""
 
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, tiny_pretrain_config
 from flax import traverse_util
 
-from conftest import REPO, tiny_pretrain_config
 from medmae_jax.main import main
 from medmae_jax.train import checkpoint as ckpt_lib
 from medmae_jax.train.trainer import train_and_evaluate

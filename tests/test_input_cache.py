@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from medmae_jax.config_loading import load_config
 from medmae_jax.data import pipeline
 from medmae_jax.data.cache import CachedSource, cached, example_nbytes

@@ -2,8 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import run_python
+
 from medmae_jax.models import masking
 from medmae_jax.models.mae import mae_loss
 

@@ -64,7 +64,8 @@ def test_four_d_channels_last():
 def test_spacing_grid_shape_and_extent():
     affine = nib.load(str(TS_CT)).affine
     grid_affine, shape = nifti.spacing_grid(affine, (122, 101, 30), (1.5, 1.5, 2.0))
-    assert shape == (243, 201, 44)  # first to last voxel centre: 121*3/1.5+1, 100*3/1.5+1, round(29*3/2+1) (half to even)
+    # first to last voxel centre: 121*3/1.5+1, 100*3/1.5+1, round(29*3/2+1) (half to even)
+    assert shape == (243, 201, 44)
     np.testing.assert_allclose(nifti.voxel_spacing(grid_affine), (1.5, 1.5, 2.0))
     np.testing.assert_allclose(grid_affine[:3, 3], affine[:3, 3])  # same first voxel centre
 

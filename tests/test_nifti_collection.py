@@ -1,4 +1,5 @@
-"""A user's own NIfTI collection: datalist / nnU-Net / plain-folder discovery, the bad-datalist errors, seeded splits."""
+"""A user's own NIfTI collection: datalist / nnU-Net / plain-folder discovery, the bad-datalist errors, seeded
+splits."""
 
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def test_duplicate_case(collection_dir):
 
 
 def test_patient_in_two_splits(collection_dir):
-    _rewrite(collection_dir, training=[{"image": "images/case1.nii.gz", "label": "labels/case1.nii.gz", "patient": "p1"}],
+    _rewrite(collection_dir, training=[{"image": "images/case1.nii.gz", "label": "labels/case1.nii.gz",
+                                        "patient": "p1"}],
              validation=[{"image": "images/case2.nii.gz", "label": "labels/case2.nii.gz", "patient": "p1"}])
     with pytest.raises(DataError, match=r"validation\[0\]: patient 'p1' is in two splits"):
         nc.validate(nc.discover(str(collection_dir)))

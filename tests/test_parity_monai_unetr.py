@@ -14,7 +14,11 @@ from monai.networks.nets import UNETR as MonaiUNETR  # noqa: E402
 
 from medmae_jax.errors import ConversionError  # noqa: E402
 from medmae_jax.interop.monai_unetr import (  # noqa: E402
-    MonaiUnetrConfig, infer_monai_unetr_config, jax_to_monai_unetr, monai_unetr_to_jax)
+    MonaiUnetrConfig,
+    infer_monai_unetr_config,
+    jax_to_monai_unetr,
+    monai_unetr_to_jax,
+)
 from medmae_jax.models.unetr import UNETR  # noqa: E402
 
 pytestmark = pytest.mark.parity

@@ -10,7 +10,8 @@ pytest.importorskip("monai")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from monai.networks.nets import MaskedAutoEncoderViT, ViT as MonaiViT  # noqa: E402
+from monai.networks.nets import MaskedAutoEncoderViT  # noqa: E402
+from monai.networks.nets import ViT as MonaiViT
 
 from medmae_jax.interop import torch_checkpoints as tc  # noqa: E402
 from medmae_jax.interop import vit_layouts as vl  # noqa: E402

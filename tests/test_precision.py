@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, tiny_pretrain_config
+
 from medmae_jax.config_loading import load_config
 from medmae_jax.models import precision
 from medmae_jax.models.vit import ViT

@@ -7,8 +7,8 @@ import os
 import re
 
 import pytest
-
 from conftest import REPO, SHARED_DATA
+
 from medmae_jax import console
 from medmae_jax.main import main
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from medmae_jax.config_loading import load_config
 from medmae_jax.data.labels import label_to_regions, regions_to_label
 from medmae_jax.errors import ConfigError

@@ -1,7 +1,6 @@
 """One train step under data=8 and fsdp=8 (8 CPU devices, in a subprocess) equals the one-device step."""
 
 import numpy as np
-
 from conftest import run_python
 
 STEP = """
@@ -37,7 +36,8 @@ info = dict(
     qkv_opt_specs=[str(x.sharding.spec) for x in opt_leaves
                    if x.shape == state.params["encoder"]["transformer"]["block_0"]["attn"]["qkv"]["kernel"].shape],
     batch_devices=len(batch["image"].sharding.device_set),
-    shard_bytes=max(s.data.nbytes for s in state.params["encoder"]["transformer"]["block_0"]["mlp"]["fc1"]["kernel"].addressable_shards),
+    shard_bytes=max(s.data.nbytes for s in
+                    state.params["encoder"]["transformer"]["block_0"]["mlp"]["fc1"]["kernel"].addressable_shards),
     full_bytes=state.params["encoder"]["transformer"]["block_0"]["mlp"]["fc1"]["kernel"].nbytes,
 )
 print("INFO" + json.dumps(info))

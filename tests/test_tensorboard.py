@@ -6,9 +6,9 @@ import json
 
 import jax
 import numpy as np
+from conftest import REPO, tiny_pretrain_config
 from PIL import Image
 
-from conftest import REPO, tiny_pretrain_config
 from medmae_jax import summaries
 from medmae_jax.config_loading import load_config
 from medmae_jax.models.vit import patchify

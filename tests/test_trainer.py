@@ -10,8 +10,8 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, run_python, tiny_pretrain_config
+
 from medmae_jax.errors import NonFiniteError
 from medmae_jax.train import checkpoint as ckpt_lib
 from medmae_jax.train.trainer import train_and_evaluate

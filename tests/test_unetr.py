@@ -12,7 +12,7 @@ import pytest
 
 from medmae_jax.errors import ConversionError
 from medmae_jax.interop.monai_unetr import infer_monai_unetr_config, jax_to_monai_unetr, monai_unetr_to_jax
-from medmae_jax.models.unetr import (MONAI_SKIP_LAYERS, PAPER_SKIP_LAYERS, UNETR, UpConv, instance_norm)
+from medmae_jax.models.unetr import MONAI_SKIP_LAYERS, PAPER_SKIP_LAYERS, UNETR, UpConv, instance_norm
 
 TINY = dict(width=32, depth=4, num_heads=2, mlp_dim=64)  # skips 3/6/9 need depth 10; tests pass their own
 

@@ -110,6 +110,7 @@ def test_sincos_tables_equal_monai(grid, dim):
     pytest.importorskip("torch")
     pytest.importorskip("monai")
     from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
+
     from medmae_jax.models.vit import SINCOS_AXIS_ORDER
     ref = build_sincos_position_embedding(list(grid), dim, spatial_dims=len(grid)).detach().numpy()[0]
     order = SINCOS_AXIS_ORDER["monai"] if len(grid) == 3 else None

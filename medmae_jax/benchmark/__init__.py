@@ -26,10 +26,10 @@ import sys
 import tempfile
 from typing import Callable, Optional, Sequence
 
-from medmae_jax.models.precision import dtype_name
 from medmae_jax.benchmark import measure
-from medmae_jax.benchmark.measure import (count_matmul_flops, mae_matmul_flops, peak_tflops, xla_flops)
+from medmae_jax.benchmark.measure import count_matmul_flops, mae_matmul_flops, peak_tflops, xla_flops
 from medmae_jax.errors import ConfigError, MedMAEError
+from medmae_jax.models.precision import dtype_name
 
 __all__ = ["BenchmarkError", "Settings", "run_benchmark", "make_record", "worker_env", "count_matmul_flops",
            "mae_matmul_flops", "peak_tflops", "xla_flops"]

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medmae_jax.models.precision import dtype_name
 from medmae_jax.benchmark import measure
 from medmae_jax.benchmark.measure import Bench
+from medmae_jax.models.precision import dtype_name
 
 
 def _device_info() -> dict:
@@ -48,7 +48,6 @@ def _timed(fn):
 # --------------------------------------------------------------------------------------------------------------
 def build_trainer_step(config, batch_size: int, warmup: int) -> Bench:
     """``Trainer(config).train_step`` on one batch from the trainer's own loader."""
-    from medmae_jax.train.trainer import Trainer
 
     with config.unlocked():
         config.batch_size = int(batch_size)
@@ -90,7 +89,8 @@ def build_trainer_step(config, batch_size: int, warmup: int) -> Bench:
     info["step"] = f"medmae_jax.train.trainer.Trainer.train_step (task {config.task})"
     from medmae_jax.benchmark import examples_per_batch_item
     examples = batch_size * examples_per_batch_item(config, "trainer")
-    return Bench(run, _finish_info(info, flops, measure.xla_flops(compiled), examples, dtype_name(config.model.dtype)), check)
+    return Bench(run, _finish_info(info, flops, measure.xla_flops(compiled), examples, dtype_name(config.model.dtype)),
+                 check)
 
 
 def _init_trainer(config, workdir):
@@ -171,7 +171,8 @@ def build_unetr_step(config, desc: dict, batch_size: int, warmup: int) -> Bench:
         return {"last_loss": loss}
 
     info["step"] = "UNETR + Dice/CE + optax.adamw, jax.jit with donated state (benchmark's own step)"
-    return Bench(run, _finish_info(info, flops, measure.xla_flops(compiled), batch_size, dtype_name(config.model.dtype)), check)
+    return Bench(run, _finish_info(info, flops, measure.xla_flops(compiled), batch_size,
+                                   dtype_name(config.model.dtype)), check)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -220,7 +221,8 @@ def build_sliding_window(config, desc: dict, volume: tuple[int, ...], sw_batch_s
     info.update(step="medmae_jax.evaluate.sliding_window.predict_volume(UNETR.apply) under jit",
                 num_windows=plan.num_windows * batch_size, window_batches=window_batches)
     xla_total = None if xla_batch is None else xla_batch * window_batches
-    return Bench(run, _finish_info(info, per_batch * window_batches, xla_total, batch_size, dtype_name(config.model.dtype)), check)
+    return Bench(run, _finish_info(info, per_batch * window_batches, xla_total, batch_size,
+                                   dtype_name(config.model.dtype)), check)
 
 
 def memory() -> dict:

@@ -80,7 +80,8 @@ def markdown_table(rows: Sequence[tuple[str, list[dict]]]) -> str:
         for r in records:
             mfu = r.get("mfu")
             lines.append(
-                f"| {label} | {r['framework']} | {r.get('device_kind') or '-'} | {(r.get('model') or {}).get('dtype', '-')} "
+                f"| {label} | {r['framework']} | {r.get('device_kind') or '-'} "
+                f"| {(r.get('model') or {}).get('dtype', '-')} "
                 f"| {r['batch']} | {_fmt(r['steps_per_s'])} | {_fmt(r['examples_per_s'], 2)} "
                 f"| {'-' if mfu is None else f'{100 * mfu:.1f} %'} | {_fmt(r.get('peak_memory_gib'), 2)} "
                 f"| {_fmt(r.get('ratio_jax_over_monai'), 2)} |")

@@ -8,9 +8,9 @@ import time
 
 from medmae_jax.console import human_bytes, print_wrote, progress_enabled, tree_bytes
 
-HELP = "build chestxray14 | btcv | msd_brain_tumour from the manual download into --data-dir"
+HELP = "build chestxray14 | btcv | msd_brain_tumour | nifti (your own NIfTI folder) into --data-dir"
 
-DATASETS = ("chestxray14", "btcv", "msd_brain_tumour")
+DATASETS = ("chestxray14", "btcv", "msd_brain_tumour", "nifti")
 
 
 def add_arguments(parser):
@@ -21,7 +21,22 @@ def add_arguments(parser):
                         help="builder config: btcv monai|selfmedmae (default monai; configs/btcv_*.py read "
                              "selfmedmae); msd_brain_tumour fold0..fold4 or fold<k>_monai (default fold0)")
     parser.add_argument("--image-size", type=int, default=None, help="chestxray14: stored image size (default 256)")
-    parser.add_argument("--overwrite", action="store_true", help="btcv/msd: rebuild even if already built")
+    parser.add_argument("--overwrite", action="store_true", help="btcv/msd/nifti: rebuild even if already built")
+    own = parser.add_argument_group("nifti: your own collection (datalist, nnU-Net folder or plain folder of volumes)")
+    own.add_argument("--name", default=None, help="data set name: written to DATA_DIR/NAME (configs' dataset=NAME)")
+    own.add_argument("--datalist", default=None, help="MSD/MONAI dataset.json (default: MANUAL_DIR/dataset.json if it "
+                                                      "has a 'training' list, else nnU-Net imagesTr/ or every volume)")
+    own.add_argument("--modality", choices=("ct", "mr"), default="ct",
+                     help="default intensity rule (ct window / z-score)")
+    own.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.0), metavar=("X", "Y", "Z"),
+                     help="target voxel size in mm (default 1.5 1.5 2.0)")
+    own.add_argument("--intensity", default=None,
+                     help="ct-window:LO,HI | percentile:P,Q | zscore-nonzero (default by --modality)")
+    own.add_argument("--val-fraction", type=float, default=0.2, help="share of labeled patients for validation")
+    own.add_argument("--folds", type=int, default=0, help="> 0: patient folds, --fold is validation")
+    own.add_argument("--fold", type=int, default=0,
+                     help="the validation fold when --folds > 0 or the datalist has folds")
+    own.add_argument("--seed", type=int, default=0, help="seed of the patient shuffle (splits.json keeps the result)")
 
 
 def run(args, overrides) -> int:
@@ -37,23 +52,50 @@ def run(args, overrides) -> int:
         from medmae_jax.data.datasets.chestxray14 import build_chestxray14
         kw = {} if args.image_size is None else {"image_size": args.image_size}
         builder = build_chestxray14(args.manual_dir, args.data_dir, **kw)
+    elif args.dataset == "nifti":
+        builder = _build_nifti(args)
     else:
         if args.image_size is not None:
             raise ConfigError(f"--image-size applies to chestxray14, not {args.dataset}")
         if args.dataset == "btcv":
-            from medmae_jax.data.datasets.btcv import Btcv as cls, build_btcv as build
+            from medmae_jax.data.datasets.btcv import Btcv as cls
+            from medmae_jax.data.datasets.btcv import build_btcv as build
         else:
-            from medmae_jax.data.datasets.msd_brain_tumour import MsdBrainTumour as cls, build_msd_brain_tumour as build
+            from medmae_jax.data.datasets.msd_brain_tumour import MsdBrainTumour as cls
+            from medmae_jax.data.datasets.msd_brain_tumour import build_msd_brain_tumour as build
         name = args.config or cls.DEFAULT_CONFIG_NAME
         known = [c.name for c in cls.BUILDER_CONFIGS]
         if name not in known:
             raise ConfigError(f"{args.dataset}: unknown --config {name!r}; known: {', '.join(known)}")
         builder = build(args.manual_dir, args.data_dir, name, overwrite=args.overwrite)
     splits = {name: int(info.num_examples) for name, info in builder.info.splits.items()}
-    print(json.dumps({"dataset": f"{builder.name}/{builder.builder_config.name}", "data_dir": args.data_dir,
+    print(json.dumps({"dataset": _full_name(builder), "data_dir": args.data_dir,
                       "splits": splits}))
     print_wrote([built_output(builder, splits, started)])
     return 0
+
+
+def _build_nifti(args):
+    from medmae_jax.data.datasets import collection_splits
+    from medmae_jax.data.datasets import nifti_collection_builder as ncb
+    from medmae_jax.errors import ConfigError
+    if not args.name:
+        raise ConfigError("build nifti needs --name NAME (the data set folder under --data-dir)")
+    if args.config or args.image_size is not None:
+        raise ConfigError("build nifti takes --spacing/--intensity/--val-fraction/--folds, not --config/--image-size")
+    intensity = args.intensity or ncb.DEFAULT_INTENSITY[args.modality]
+    ncb.parse_intensity(intensity)
+    prep = ncb.Preprocessing(spacing=tuple(args.spacing), intensity=intensity)
+    rule = collection_splits.SplitRule(val_fraction=args.val_fraction, folds=args.folds, fold=args.fold, seed=args.seed)
+    return ncb.build_nifti_collection(args.manual_dir, args.data_dir, args.name, datalist=args.datalist,
+                                      preprocessing=prep, rule=rule, overwrite=args.overwrite)
+
+
+def _full_name(builder) -> str:
+    """``btcv/selfmedmae``; a builder without named configs (nifti collections) goes by its folder name."""
+    if builder.builder_config is None:
+        return f"{os.path.basename(os.path.normpath(os.fspath(builder._data_dir_root)))}/{builder.name}"
+    return f"{builder.name}/{builder.builder_config.name}"
 
 
 def built_output(builder, splits: dict, started: float) -> str:
@@ -61,7 +103,7 @@ def built_output(builder, splits: dict, started: float) -> str:
     folder = os.path.abspath(os.fspath(builder.data_dir))
     counts = ", ".join(f"{name} {n}" for name, n in splits.items())
     info = os.path.join(folder, "dataset_info.json")
-    name = f"{builder.name}/{builder.builder_config.name} {builder.version}"
+    name = f"{_full_name(builder)} {builder.version}"
     if os.path.isfile(info) and os.path.getmtime(info) < started:
         return f"nothing new: {name} was already built in {folder} ({counts} examples; --overwrite rebuilds btcv/msd)"
     return f"{name} ({counts} examples; {human_bytes(tree_bytes(folder))}) to {folder}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 def add_config_argument(parser, required: bool = True):
     parser.add_argument("--config", required=required,
-                        help="a shipped config name (btcv_mae3d) or a config file path, [:args]; then --config.key=value "
-                             "(or --config.key value) overrides")
+                        help="a shipped config name (btcv_mae3d) or a config file path, [:args]; "
+                             "then --config.key=value (or --config.key value) overrides")
 
 
 def load(args, overrides):

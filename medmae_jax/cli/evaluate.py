@@ -68,7 +68,8 @@ def config_from_checkpoint(path: str):
 
 def load_config(args, overrides):
     """``--config`` (if given) or the checkpoint's config, with ``--config.key=value`` overrides applied."""
-    from medmae_jax.config_loading import apply_override, load_config as load_file
+    from medmae_jax.config_loading import apply_override
+    from medmae_jax.config_loading import load_config as load_file
     config = load_file(args.config) if args.config else config_from_checkpoint(args.checkpoint)
     for assignment in overrides:
         apply_override(config, assignment)

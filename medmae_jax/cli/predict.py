@@ -34,7 +34,8 @@ def add_arguments(parser):
 
 def preprocessing(config) -> tuple[str, object]:
     """(``btcv`` | ``msd``, the builder config) that built the data this config trains on."""
-    from medmae_jax.data.datasets import btcv, msd_brain_tumour as msd
+    from medmae_jax.data.datasets import btcv
+    from medmae_jax.data.datasets import msd_brain_tumour as msd
     from medmae_jax.errors import ConfigError
     name, kind = config.data.name, config.segmentation.kind
     tfds_name = config.data.get("tfds_name", "") or ""
@@ -76,7 +77,8 @@ def _stack_channels(paths, tmpdir: str, channels: int) -> str:
 def preprocess(config, paths, tmpdir: str) -> tuple:
     """(image ``(X, Y, Z, C)`` float32, :class:`~medmae_jax.data.nifti.Geometry`) exactly as the builder makes it."""
     from medmae_jax.data import nifti
-    from medmae_jax.data.datasets import btcv, msd_brain_tumour as msd
+    from medmae_jax.data.datasets import btcv
+    from medmae_jax.data.datasets import msd_brain_tumour as msd
     from medmae_jax.errors import DataError
     family, builder_config = preprocessing(config)
     channels = int(config.model.in_channels)
@@ -96,9 +98,9 @@ def run(args, overrides) -> int:
 
     from medmae_jax.cli.evaluate import checkpoint_path, load_config, load_params
     from medmae_jax.data import nifti
+    from medmae_jax.data.labels import regions_to_label
     from medmae_jax.errors import ConfigError, DataError
     from medmae_jax.tasks import get_task
-    from medmae_jax.data.labels import regions_to_label
     path = checkpoint_path(args.checkpoint, args.best)
     args.checkpoint = path
     config = load_config(args, overrides)

@@ -130,7 +130,8 @@ def read_label(path: PathLike, num_classes: Optional[int] = None, *, values: Opt
             present = np.flatnonzero(np.bincount(data.reshape(-1).astype(np.int64), minlength=hi + 1))
             bad = sorted(set(present.tolist()) - set(allowed.tolist()))
         if bad:
-            shown = ", ".join(str(v) for v in bad[:10]) + (f", ... ({len(bad)} values up to {bad[-1]})" if len(bad) > 10 else "")
+            more = f", ... ({len(bad)} values up to {bad[-1]})" if len(bad) > 10 else ""
+            shown = ", ".join(str(v) for v in bad[:10]) + more
             raise DataError(path, f"label values {{{shown}}} outside the declared classes {allowed.tolist()}")
         out_dtype = np.uint8 if allowed.max() < 256 and allowed.min() >= 0 else np.int32
     else:
@@ -173,7 +174,8 @@ def _rotation_of(affine: np.ndarray) -> np.ndarray:
     return q * np.sign(np.diag(r))[None, :]
 
 
-def spacing_grid(affine: np.ndarray, shape: Sequence[int], pixdim: Sequence[float]) -> tuple[np.ndarray, tuple[int, ...]]:
+def spacing_grid(affine: np.ndarray, shape: Sequence[int],
+                 pixdim: Sequence[float]) -> tuple[np.ndarray, tuple[int, ...]]:
     """Affine and shape of the grid that MONAI ``Spacing(pixdim)`` resamples ``(affine, shape)`` to.
 
     Axis directions are kept (shear dropped), voxel sizes become ``pixdim``; the grid spans the
@@ -426,10 +428,12 @@ class Case:
     geometry: Geometry
 
 
-def check_same_grid(image_path, image_shape, image_affine, label_path, label_shape, label_affine, atol: float = AFFINE_TOL):
+def check_same_grid(image_path, image_shape, image_affine, label_path, label_shape, label_affine,
+                    atol: float = AFFINE_TOL):
     """Raises a DataError naming ``label_path`` if its grid differs from the image's."""
     if tuple(label_shape[:3]) != tuple(image_shape[:3]):
-        raise DataError(label_path, f"label shape {tuple(label_shape)} does not match image shape {tuple(image_shape[:3])} of {image_path}")
+        raise DataError(label_path, f"label shape {tuple(label_shape)} does not match image shape "
+                                    f"{tuple(image_shape[:3])} of {image_path}")
     diff = np.max(np.abs(np.asarray(label_affine) - np.asarray(image_affine)))
     if diff > atol:
         raise DataError(

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import queue
-import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import grain
 import jax

@@ -75,13 +75,15 @@ def shift_intensity(x: np.ndarray, offset: float) -> np.ndarray:
     return (np.asarray(x, np.float32) + np.float32(offset)).astype(np.float32, copy=False)
 
 
-def random_scale_intensity(rng: np.random.Generator, x: np.ndarray, factors: float = 0.1, prob: float = 0.1) -> np.ndarray:
+def random_scale_intensity(rng: np.random.Generator, x: np.ndarray, factors: float = 0.1,
+                           prob: float = 0.1) -> np.ndarray:
     """With probability ``prob``, ``x * (1 + f)``, f ~ U(-factors, factors) (MONAI RandScaleIntensity)."""
     apply, f = rng.random() < prob, rng.uniform(-factors, factors)
     return scale_intensity(x, f) if apply else x
 
 
-def random_shift_intensity(rng: np.random.Generator, x: np.ndarray, offsets: float = 0.1, prob: float = 0.1) -> np.ndarray:
+def random_shift_intensity(rng: np.random.Generator, x: np.ndarray, offsets: float = 0.1,
+                           prob: float = 0.1) -> np.ndarray:
     """With probability ``prob``, ``x + o``, o ~ U(-offsets, offsets) (MONAI RandShiftIntensity)."""
     apply, o = rng.random() < prob, rng.uniform(-offsets, offsets)
     return shift_intensity(x, o) if apply else x

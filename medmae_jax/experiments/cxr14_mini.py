@@ -336,7 +336,7 @@ def markdown_table(result: Mapping) -> str:
     labels = [r for r in result["runs"]][0]
     defined = [n for n, v in labels["test_per_class"].items() if v is not None]
     lines = [
-        f"| init | test mean AUC (best-val ckpt) | test mean AUC (last step) | fine-tune wall | pre-train wall |",
+        "| init | test mean AUC (best-val ckpt) | test mean AUC (last step) | fine-tune wall | pre-train wall |",
         "|---|---|---|---|---|",
     ]
     for init, name in (("scratch", "scratch"), ("mae", "MAE self pre-trained")):

@@ -18,7 +18,6 @@ import numpy as np
 
 from medmae_jax import config_base
 from medmae_jax.errors import ConversionError
-from medmae_jax.interop import vit_layouts
 from medmae_jax.interop.report import ConversionReport
 
 MODEL_JSON = "model.json"

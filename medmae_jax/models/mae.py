@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from medmae_jax.models import masking as masking_lib
 from medmae_jax.models.precision import Dense
-from medmae_jax.models.vit import ViT, Transformer, _axes, _trunc_normal, patchify, sincos_position_table
+from medmae_jax.models.vit import Transformer, ViT, _axes, _trunc_normal, patchify, sincos_position_table
 
 Dtype = Any
 

@@ -156,7 +156,8 @@ class ResBlock(nn.Module):
 
 
 class PrUpBlock(nn.Module):
-    """MONAI ``UnetrPrUpBlock``: transposed conv from the ViT width, then ``num_layer`` x [transposed conv + ResBlock]."""
+    """MONAI ``UnetrPrUpBlock``: transposed conv from the ViT width, then ``num_layer`` x [transposed conv +
+    ResBlock]."""
 
     features: int
     num_layer: int
@@ -255,7 +256,8 @@ class UNETR(nn.Module):
         depth = kw["depth"]
         skips = tuple(int(i) for i in self.skip_layers)
         if len(skips) != 3 or any(not -depth <= i < depth for i in skips):
-            raise ValueError(f"UNETR skip_layers must be 3 block indices in [0, {depth}), got {tuple(self.skip_layers)}")
+            raise ValueError(f"UNETR skip_layers must be 3 block indices in [0, {depth}), "
+                             f"got {tuple(self.skip_layers)}")
         vit = ViT(**kw, dtype=self.dtype, param_dtype=self.param_dtype, name="vit")
         grid = vit.grid(x.shape[1:-1])
         tokens, hidden = vit(x, train=train)
@@ -268,9 +270,12 @@ class UNETR(nn.Module):
         f = self.feature_size
         common = dict(norm_eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         enc1 = ResBlock(f, self.res_block, name="encoder1", **common)(x.astype(self.dtype))
-        enc2 = PrUpBlock(2 * f, 2, self.conv_block, self.res_block, name="encoder2", **common)(to_grid(hidden[skips[0]]))
-        enc3 = PrUpBlock(4 * f, 1, self.conv_block, self.res_block, name="encoder3", **common)(to_grid(hidden[skips[1]]))
-        enc4 = PrUpBlock(8 * f, 0, self.conv_block, self.res_block, name="encoder4", **common)(to_grid(hidden[skips[2]]))
+        enc2 = PrUpBlock(2 * f, 2, self.conv_block, self.res_block, name="encoder2",
+                         **common)(to_grid(hidden[skips[0]]))
+        enc3 = PrUpBlock(4 * f, 1, self.conv_block, self.res_block, name="encoder3",
+                         **common)(to_grid(hidden[skips[1]]))
+        enc4 = PrUpBlock(8 * f, 0, self.conv_block, self.res_block, name="encoder4",
+                         **common)(to_grid(hidden[skips[2]]))
         dec = UpBlock(8 * f, True, self.res_block, name="decoder5", **common)(to_grid(tokens), enc4)
         dec = UpBlock(4 * f, False, self.res_block, name="decoder4", **common)(dec, enc3)
         dec = UpBlock(2 * f, False, self.res_block, name="decoder3", **common)(dec, enc2)

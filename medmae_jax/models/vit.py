@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -325,7 +325,8 @@ class ViT(nn.Module):
     def grid(self, spatial: Sequence[int]) -> tuple[int, ...]:
         bad = [s for s, p in zip(spatial, self.patch_size) if s % p]
         if bad or len(spatial) != len(self.patch_size):
-            raise ValueError(f"input spatial shape {tuple(spatial)} must be divisible by patch {tuple(self.patch_size)}")
+            raise ValueError(f"input spatial shape {tuple(spatial)} must be divisible by patch "
+                             f"{tuple(self.patch_size)}")
         return tuple(s // p for s, p in zip(spatial, self.patch_size))
 
     def position_table(self, grid: Sequence[int]) -> jax.Array:
@@ -344,7 +345,7 @@ class ViT(nn.Module):
         if self.pos_embed != "learn":
             raise ValueError(f"unknown pos_embed {self.pos_embed!r}; use 'learn', 'sincos' or 'none'")
         if self.pos_embed_init == "sincos":
-            init = lambda *_: self.position_table(grid).astype(self.param_dtype)
+            init = lambda *_: self.position_table(grid).astype(self.param_dtype)  # noqa: E731
         else:
             init = _trunc_normal(0.02)
         return self.param("pos_embedding", _axes(init, (None, None, "embed")), (1, n, self.width), self.param_dtype)

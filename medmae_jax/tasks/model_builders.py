@@ -11,6 +11,7 @@ from medmae_jax.models.mae import MAE
 from medmae_jax.models.precision import resolve_dtype
 from medmae_jax.models.vit import vit_kwargs
 
+
 def dtype(name: str):
     """Config dtype name -> jnp dtype; 'auto' is bfloat16 on GPU/TPU and float32 on CPU."""
     return resolve_dtype(name)

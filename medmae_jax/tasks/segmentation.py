@@ -50,7 +50,7 @@ predictors are compiled once per volume shape and reused across evaluations.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,6 @@ import numpy as np
 from medmae_jax.data import transforms
 from medmae_jax.data.labels import label_to_regions, region_definition, regions_to_label
 from medmae_jax.errors import ConfigError
-from medmae_jax.evaluate import metrics as metrics_lib
 from medmae_jax.models.unetr import MONAI_SKIP_LAYERS, UNETR
 from medmae_jax.tasks import base
 from medmae_jax.tasks.model_builders import dtype as dtype_of

@@ -232,7 +232,6 @@ class Trainer:
         loader = self.batches(start) if start < self.total_steps else None
         pending = None  # metrics of the step in flight, checked one step late to keep the device busy
         window: list[dict] = []
-        last_saved = latest
         try:
             with _StopFlag() as stop:
                 step = start
@@ -259,12 +258,10 @@ class Trainer:
                             self._check(pending, mngr, losses, window)
                             pending = None
                         ckpt_lib.save(mngr, step, state, self.meta(step), force=True)
-                        last_saved = step
                         preempted = True
                         break
                     if save_now:
                         ckpt_lib.save(mngr, step, state, self.meta(step), force=True)
-                        last_saved = step
                 if pending is not None:
                     self._check(pending, mngr, losses, window)
                 if not preempted and (self.total_steps > start or eval_metrics is None):

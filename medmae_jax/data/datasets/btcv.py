@@ -30,8 +30,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from medmae_jax.data import nifti, transforms
-from medmae_jax.data.labels import BTCV_NUM_CLASSES
 from medmae_jax.data.datasets import tfds_utils
+from medmae_jax.data.labels import BTCV_NUM_CLASSES
 from medmae_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def find_cases(manual_dir: str) -> dict[int, tuple[str, str]]:
     no_label = sorted(set(images) - set(labels))
     if no_label:
         c = no_label[0]
-        raise DataError(images[c], f"image has no label: expected {os.path.join(root, 'label', f'label{c:04d}.nii.gz')}")
+        raise DataError(images[c],
+                        f"image has no label: expected {os.path.join(root, 'label', f'label{c:04d}.nii.gz')}")
     no_image = sorted(set(labels) - set(images))
     if no_image:
         c = no_image[0]
@@ -145,7 +146,8 @@ class Btcv(tfds.core.GeneratorBasedBuilder):
         features = {
             "image": tfds_utils.array_feature((None, None, None, 1), np.float32, compress=False,
                                                   doc="CT windowed to [0, 1], RAS voxel order"),
-            "label": tfds_utils.array_feature((None, None, None), np.uint8, doc="0 background, 1..13 organs; (0,0,0) if unlabelled"),
+            "label": tfds_utils.array_feature((None, None, None), np.uint8,
+                                              doc="0 background, 1..13 organs; (0,0,0) if unlabelled"),
             "has_label": tfds.features.Scalar(dtype=np.bool_),
             "case_id": tfds.features.Text(),
             "image_file": tfds.features.Text(),
@@ -180,7 +182,8 @@ class Btcv(tfds.core.GeneratorBasedBuilder):
             yield case_id, ex
 
 
-def build_btcv(manual_dir, data_dir, config_name: str = "monai", *, overwrite: bool = False) -> tfds.core.DatasetBuilder:
+def build_btcv(manual_dir, data_dir, config_name: str = "monai", *,
+               overwrite: bool = False) -> tfds.core.DatasetBuilder:
     """Builds BTCV (config ``monai`` or ``selfmedmae``) from ``manual_dir`` into ``data_dir``;
     returns the builder (``builder.as_data_source()`` or ``tfds.data_source("btcv/<config>", data_dir=...)``)."""
     return tfds_utils.build(Btcv, manual_dir, data_dir, config_name, overwrite=overwrite)

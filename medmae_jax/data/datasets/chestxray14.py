@@ -85,7 +85,8 @@ class ChestXray14Config(tfds.core.BuilderConfig):
     image_size: int = DEFAULT_IMAGE_SIZE
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     seed: int = DEFAULT_SEED
-    skip_missing: bool = False  # opt-in: images listed but absent on disk are skipped (count logged) instead of an error
+    # opt-in: images listed but absent on disk are skipped (count logged) instead of an error
+    skip_missing: bool = False
 
 
 def make_config(
@@ -195,7 +196,8 @@ def parse_findings(text: str, *, where: str) -> np.ndarray:
 
 
 def read_label_table(path: os.PathLike | str) -> Dict[str, Entry]:
-    """Parse ``Data_Entry_2017*.csv[.gz]`` into ``{image name: Entry}``; bad rows raise DataError naming file and row."""
+    """Parse ``Data_Entry_2017*.csv[.gz]`` into ``{image name: Entry}``; bad rows raise DataError naming file and
+    row."""
     path = os.fspath(path)
     entries: Dict[str, Entry] = {}
     try:
@@ -393,7 +395,8 @@ class ChestXray14(tfds.core.GeneratorBasedBuilder):
                 "image": tfds.features.Image(shape=(size, size, 1), dtype=np.uint8, encoding_format="png",
                                              doc="8-bit gray, resized at build time"),
                 "labels": tfds.features.Tensor(shape=(len(CXR14_LABELS),), dtype=np.float32,
-                                               doc="multi-hot in order " + ", ".join(CXR14_LABELS) + "; No Finding = 0s"),
+                                               doc="multi-hot in order " + ", ".join(CXR14_LABELS)
+                                               + "; No Finding = 0s"),
                 "patient_id": tfds.features.Scalar(dtype=np.int32, doc="Patient ID column"),
                 "view_position": tfds.features.Text(doc="PA or AP"),
                 "image_name": tfds.features.Text(doc="file name, e.g. 00000001_000.png"),

@@ -1,4 +1,5 @@
-"""Splits of a user's collection: ``pretrain`` (every image), ``train``/``validation`` (labeled, patient-disjoint), ``test``.
+"""Splits of a user's collection: ``pretrain`` (every image), ``train``/``validation`` (labeled,
+patient-disjoint), ``test``.
 
 The rule, first that applies: the datalist's own ``validation`` list; its ``fold`` keys (the
 chosen fold is ``validation``); else a seeded patient-level split (``--folds k``: patients dealt
@@ -94,7 +95,8 @@ def check_splits(collection: Collection, splits: dict[str, list[str]], source: O
     for case_id in splits.get("validation", []):
         p = cases[case_id].patient
         if p in train_patients:
-            raise DataError(source, f"patient {p!r} is in two splits: train ({train_patients[p]}) and validation ({case_id})")
+            raise DataError(source,
+                            f"patient {p!r} is in two splits: train ({train_patients[p]}) and validation ({case_id})")
 
 
 def splits_path(dataset_dir: str) -> str:

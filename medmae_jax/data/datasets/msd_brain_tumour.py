@@ -89,7 +89,8 @@ def find_task_dir(manual_dir: str) -> str:
     for d in (manual_dir, os.path.join(manual_dir, TASK)):
         if os.path.isfile(os.path.join(d, "dataset.json")):
             return d
-    raise DataError(os.path.join(manual_dir, TASK, "dataset.json"), "dataset.json not found (expected the MSD Task01_BrainTumour folder)")
+    raise DataError(os.path.join(manual_dir, TASK, "dataset.json"),
+                    "dataset.json not found (expected the MSD Task01_BrainTumour folder)")
 
 
 def read_dataset_json(task_dir: str) -> dict:
@@ -174,8 +175,10 @@ class MsdBrainTumour(tfds.core.GeneratorBasedBuilder):
         features = {
             "image": tfds_utils.array_feature((None, None, None, 4), np.float32, compress=False,
                                                   doc="FLAIR, T1w, t1gd, T2w; z-scored, RAS"),
-            "label": tfds_utils.array_feature((None, None, None), np.uint8, doc="dataset.json labels 0..3; (0,0,0) if unlabelled"),
-            "regions": tfds_utils.array_feature((None, None, None, 3), np.uint8, doc="TC, WT, ET under the config's convention"),
+            "label": tfds_utils.array_feature((None, None, None), np.uint8,
+                                              doc="dataset.json labels 0..3; (0,0,0) if unlabelled"),
+            "regions": tfds_utils.array_feature((None, None, None, 3), np.uint8,
+                                                doc="TC, WT, ET under the config's convention"),
             "has_label": tfds.features.Scalar(dtype=np.bool_),
             "case_id": tfds.features.Text(),
             "image_file": tfds.features.Text(),
@@ -212,7 +215,8 @@ class MsdBrainTumour(tfds.core.GeneratorBasedBuilder):
             yield case_id, ex
 
 
-def build_msd_brain_tumour(manual_dir, data_dir, config_name: str = "fold0", *, overwrite: bool = False) -> tfds.core.DatasetBuilder:
+def build_msd_brain_tumour(manual_dir, data_dir, config_name: str = "fold0", *,
+                           overwrite: bool = False) -> tfds.core.DatasetBuilder:
     """Builds MSD Task01 (config ``fold0``..``fold4``, or ``fold<k>_monai`` for ET = {2}) from
     ``manual_dir`` into ``data_dir``; returns the builder."""
     return tfds_utils.build(MsdBrainTumour, manual_dir, data_dir, config_name, overwrite=overwrite)

@@ -175,7 +175,8 @@ def read_nnunet(root: str) -> Collection:
             if group == "training":
                 label = _find_label(os.path.join(root, "labelsTr"), case_id)
                 if label is None:
-                    raise DataError(os.path.join(root, "labelsTr"), f"no label for {folder}/{case_id} (expected labelsTr/{case_id}.nii.gz)")
+                    raise DataError(os.path.join(root, "labelsTr"),
+                                    f"no label for {folder}/{case_id} (expected labelsTr/{case_id}.nii.gz)")
             cases.append(CollectionCase(case_id, files, label, f"{folder}/{case_id}", group, case_id))
     if not cases:
         raise DataError(root, "imagesTr/ and imagesTs/ hold no .nii/.nii.gz file")
@@ -187,8 +188,8 @@ def read_nnunet(root: str) -> Collection:
     classes = {}
     if isinstance(labels, dict) and labels:
         first = next(iter(labels))
-        classes = ({int(v): str(k) for k, v in labels.items() if isinstance(v, int)} if not str(first).lstrip("-").isdigit()
-                   else _names_by_index(meta_path, "labels", labels))
+        classes = ({int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
+                   if not str(first).lstrip("-").isdigit() else _names_by_index(meta_path, "labels", labels))
     return Collection(root, "nnunet", tuple(cases), names, classes)
 
 
@@ -207,7 +208,8 @@ def _channel_files(folder: str) -> dict[str, tuple[str, ...]]:
     out = {}
     for case_id, files in by_case.items():
         if sorted(files) != list(range(len(files))):
-            raise DataError(folder, f"case {case_id} has channel files {sorted(files)}; expected _0000.._{len(files) - 1:04d}")
+            raise DataError(folder,
+                            f"case {case_id} has channel files {sorted(files)}; expected _0000.._{len(files) - 1:04d}")
         out[case_id] = tuple(files[k] for k in sorted(files))
     return out
 
@@ -252,7 +254,8 @@ def case_channels(case: CollectionCase) -> tuple[tuple[int, int, int], np.ndarra
             try:
                 nifti.check_same_grid(case.images[0], shape, affine, f, spatial, img.affine)
             except DataError as e:
-                raise DataError(f, f"{case.entry}: channel file grid differs from {case.images[0]} ({e.problem.splitlines()[0]})") from e
+                raise DataError(f, f"{case.entry}: channel file grid differs from {case.images[0]} "
+                                   f"({e.problem.splitlines()[0]})") from e
         total += n
     return shape, affine, total
 
@@ -265,7 +268,8 @@ def validate(collection: Collection, *, check_label_values: bool = True) -> int:
     first_entry = None
     for case in collection.cases:
         if case.case_id in seen:
-            raise DataError(case.images[0], f"{case.entry}: duplicate case {case.case_id!r} (also {seen[case.case_id]})")
+            raise DataError(case.images[0],
+                            f"{case.entry}: duplicate case {case.case_id!r} (also {seen[case.case_id]})")
         seen[case.case_id] = case.entry
         shape, affine, n = case_channels(case)
         if channels is None:
@@ -274,7 +278,8 @@ def validate(collection: Collection, *, check_label_values: bool = True) -> int:
             raise DataError(case.images[0], f"{case.entry}: {n} channel(s) but {first_entry} has {channels}")
         if case.label is not None:
             _check_label(collection, case, shape, affine, check_label_values)
-    if collection.layout == "datalist" and collection.channel_names != ("image",) and len(collection.channel_names) != channels:
+    if (collection.layout == "datalist" and collection.channel_names != ("image",)
+            and len(collection.channel_names) != channels):
         raise DataError(collection.root, f"'modality' names {len(collection.channel_names)} channel(s) "
                                          f"{list(collection.channel_names)} but the images hold {channels}")
     check_patients(collection)
@@ -292,7 +297,8 @@ def _check_label(collection: Collection, case: CollectionCase, shape, affine, ch
         values = np.unique(np.asarray(nifti._read_data(img, case.label)))
         bad = [v for v in values.tolist() if v not in collection.class_names]
         if bad:
-            raise DataError(case.label, f"{case.entry}: label values {bad[:10]} not in 'labels' {sorted(collection.class_names)}")
+            raise DataError(case.label,
+                            f"{case.entry}: label values {bad[:10]} not in 'labels' {sorted(collection.class_names)}")
 
 
 def check_patients(collection: Collection) -> None:

@@ -17,7 +17,6 @@ import numpy as np
 
 from medmae_jax.data.labels import BTCV_LABELS, BTCV_NUM_CLASSES, CXR14_LABELS
 
-
 # BTCV numbering of the organs the phantom draws.
 PHANTOM_ORGANS = {name: value for value, name in BTCV_LABELS.items() if value in (1, 2, 3, 6, 8)}
 PHANTOM_NUM_CLASSES = BTCV_NUM_CLASSES  # background + the 13 BTCV organs, so configs match the real data set
@@ -105,7 +104,8 @@ class SyntheticPhantom3D:
     """Abdominal-CT-like volumes (D, H, W, 1) float32 in [0, 1] with BTCV-numbered label maps (D, H, W) uint8."""
 
     def __init__(self, num_examples: int = 64, volume_shape: Sequence[int] = (64, 64, 64), seed: int = 0):
-        self.num_examples, self.volume_shape, self.seed = int(num_examples), tuple(int(v) for v in volume_shape), int(seed)
+        self.num_examples, self.seed = int(num_examples), int(seed)
+        self.volume_shape = tuple(int(v) for v in volume_shape)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -116,7 +116,7 @@ class SyntheticPhantom3D:
         rng = _example_rng(self.seed, index)
         shape = self.volume_shape
         z, y, x = _grid(shape)  # axis 0 ~ right->left, 1 ~ posterior->anterior, 2 ~ inferior->superior
-        jitter = lambda scale=0.05: scale * rng.standard_normal()
+        jitter = lambda scale=0.05: scale * rng.standard_normal()  # noqa: E731
         vol = np.full(shape, 0.0, np.float32)
         label = np.zeros(shape, np.uint8)
 

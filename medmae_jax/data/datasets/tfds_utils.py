@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 FILE_FORMAT = "array_record"
 
 
-def array_feature(shape: Sequence[Optional[int]], dtype, *, doc: str = "", compress: bool = True) -> tfds.features.Tensor:
+def array_feature(shape: Sequence[Optional[int]], dtype, *, doc: str = "",
+                  compress: bool = True) -> tfds.features.Tensor:
     """A numpy array feature. With unknown dims the shape is stored with the data, zlib-compressed
     (``compress``: for label maps, ~50x smaller) or as raw bytes (for float volumes, which compress
     poorly and are read every step: no decompression cost in the input pipeline)."""
@@ -82,11 +83,12 @@ def non_empty_splits(builder_name: str, splits: dict[str, list]) -> dict[str, li
 
 
 def build(builder_cls, manual_dir: os.PathLike | str, data_dir: os.PathLike | str, config_name: Optional[str] = None,
-          *, overwrite: bool = False) -> tfds.core.DatasetBuilder:
+          *, overwrite: bool = False, builder_kwargs: Optional[dict] = None) -> tfds.core.DatasetBuilder:
     """Builds ``builder_cls`` (config ``config_name``) from ``manual_dir`` into ``data_dir`` as
     array_record, without TensorFlow, and returns the builder (read with ``tfds.data_source``).
 
-    An existing build of the same version is reused unless ``overwrite``.
+    An existing build of the same version is reused unless ``overwrite``. ``builder_kwargs`` go to
+    the builder's constructor (builders configured at run time rather than by a named config).
     """
     manual_dir = os.fspath(manual_dir)
     instructions = getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or ""
@@ -99,6 +101,7 @@ def build(builder_cls, manual_dir: os.PathLike | str, data_dir: os.PathLike | st
     kwargs = {"data_dir": data_dir, "file_format": FILE_FORMAT}
     if config_name is not None:
         kwargs["config"] = config_name
+    kwargs.update(builder_kwargs or {})
     builder = builder_cls(**kwargs)
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     if overwrite:

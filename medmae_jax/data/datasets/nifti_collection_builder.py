@@ -1,0 +1,167 @@
+"""A user's NIfTI collection as a TFDS array_record data set, preprocessed once at build time.
+
+The same geometry code as the paper data sets (:func:`medmae_jax.data.nifti.load_case`: RAS,
+resampling to ``spacing``, exact geometry kept to write predictions back), one intensity rule for
+every channel (``ct-window:LO,HI`` -> [0, 1] clipped, ``percentile:P,Q`` -> [0, 1] clipped per
+channel, or ``zscore-nonzero``), and a crop to the foreground extended to every labelled voxel.
+
+Layout of ``<data_dir>/<NAME>/``: ``splits.json`` (case ids per split), ``collection.json``
+(channel names, class names and values, preprocessing: what configs read), and the TFDS files
+under ``nifti_collection/1.0.0`` (read with ``tfds.data_source("nifti_collection", data_dir=<data_dir>/<NAME>)``).
+Labels are stored as class indices 0..K-1 in the order of ``collection.json`` ``class_values``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from medmae_jax.data import nifti, transforms
+from medmae_jax.data.datasets import collection_splits, tfds_utils
+from medmae_jax.data.datasets.collection_info import INFO_FILE, read_collection_info  # noqa: F401 (re-exported)
+from medmae_jax.data.datasets.nifti_collection import Collection, CollectionCase, discover, validate
+from medmae_jax.errors import ConfigError
+
+TFDS_NAME = "nifti_collection"
+DEFAULT_INTENSITY = {"ct": "ct-window:-175,250", "mr": "zscore-nonzero"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """Build-time preprocessing of every case."""
+
+    spacing: Optional[tuple[float, float, float]] = (1.5, 1.5, 2.0)  # mm; None keeps the file's grid
+    intensity: str = "ct-window:-175,250"  # ct-window:LO,HI | percentile:P,Q | zscore-nonzero
+    crop_foreground: bool = True  # crop to the image foreground, extended to keep every labelled voxel
+
+
+def parse_intensity(spec: str) -> tuple[str, tuple[float, ...]]:
+    """``"ct-window:-175,250"`` -> ``("ct-window", (-175.0, 250.0))``; a ConfigError for anything else."""
+    kind, _, rest = spec.partition(":")
+    try:
+        values = tuple(float(v) for v in rest.split(",")) if rest else ()
+    except ValueError:
+        values = None
+    ok = (kind in ("ct-window", "percentile") and values is not None and len(values) == 2
+          and values[0] < values[1]) or \
+         (kind == "zscore-nonzero" and values == ())
+    if not ok:
+        raise ConfigError(f"--intensity {spec!r}: use ct-window:LO,HI, percentile:P,Q (0 <= P < Q <= 100) or "
+                          f"zscore-nonzero")
+    if kind == "percentile" and not (0 <= values[0] and values[1] <= 100):
+        raise ConfigError(f"--intensity {spec!r}: percentiles must lie in [0, 100]")
+    return kind, values
+
+
+def normalize(image: np.ndarray, intensity: str) -> tuple[np.ndarray, np.ndarray]:
+    """(normalized image, foreground mask (X, Y, Z)) under the intensity rule."""
+    kind, values = parse_intensity(intensity)
+    if kind == "ct-window":
+        out = transforms.scale_intensity_range(image, values[0], values[1], 0.0, 1.0, clip=True)
+        return out, (out > 0).any(-1)
+    if kind == "percentile":
+        # MONAI ScaleIntensityRangePerciles(lower, upper, 0, 1, clip=True, channel_wise=True)
+        lo, hi = np.percentile(image.reshape(-1, image.shape[-1]), values, axis=0)
+        out = np.stack([transforms.scale_intensity_range(image[..., c], lo[c], hi[c] if hi[c] > lo[c] else lo[c] + 1,
+                                                         0.0, 1.0)
+                        for c in range(image.shape[-1])], -1)
+        return out, (out > 0).any(-1)
+    return transforms.normalize_nonzero(image, channel_axis=-1), (image != 0).any(-1)
+
+
+def preprocess(case: CollectionCase, class_values: list[int], prep: Preprocessing) -> dict:
+    """One case as an example dict: image (X, Y, Z, C) float32, label class indices (X, Y, Z) uint8, geometry."""
+    loaded = [nifti.load_case(f, case.label if i == 0 else None, pixdim=prep.spacing, channels=0,
+                              label_values=class_values or None) for i, f in enumerate(case.images)]
+    geometry = loaded[0].geometry
+    image = np.concatenate([c.image for c in loaded], -1)
+    label = loaded[0].label
+    image, foreground = normalize(image, prep.intensity)
+    if prep.crop_foreground:
+        source = foreground if foreground.any() else np.ones_like(foreground)
+        start, stop = transforms.foreground_box(source.astype(np.uint8))
+        if label is not None and label.any():
+            lstart, lstop = transforms.foreground_box(label)
+            start, stop = np.minimum(start, lstart), np.maximum(stop, lstop)
+        geometry = geometry.with_crop(start, stop)
+        image = transforms.crop(image, start, stop)
+        label = None if label is None else transforms.crop(label, start, stop)
+    if label is not None:
+        label = (np.searchsorted(np.asarray(class_values), label).astype(np.uint8) if class_values
+                 else label.astype(np.uint8))
+    else:
+        label = np.zeros((0, 0, 0), np.uint8)
+    return {"image": np.ascontiguousarray(image, np.float32), "label": np.ascontiguousarray(label),
+            "has_label": case.label is not None, **geometry.to_features()}
+
+
+class NiftiCollection(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Any NIfTI collection (datalist, nnU-Net or plain folder); splits from ``splits.json``."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "RAS, chosen spacing and intensity rule, foreground crop; pretrain/train/validation/test."}
+
+    def __init__(self, *, collection: Optional[Collection] = None, splits: Optional[dict] = None,
+                 preprocessing: Preprocessing = Preprocessing(), **kwargs):
+        self._collection, self._splits, self._prep = collection, splits, preprocessing
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {
+            "image": tfds_utils.array_feature((None, None, None, None), np.float32, compress=False,
+                                              doc="channels last, RAS voxel order, normalized"),
+            "label": tfds_utils.array_feature((None, None, None), np.uint8, doc="class index; (0,0,0) if unlabelled"),
+            "has_label": tfds.features.Scalar(dtype=np.bool_),
+            "case_id": tfds.features.Text(),
+            "image_file": tfds.features.Text(),
+            **tfds_utils.geometry_features(),
+        }
+        return tfds_utils.dataset_info(self, features, __doc__)
+
+    def _split_generators(self, dl_manager):
+        by_id = {c.case_id: c for c in self._collection.cases}
+        splits = tfds_utils.non_empty_splits(TFDS_NAME, {k: [by_id[i] for i in v] for k, v in self._splits.items()})
+        values = sorted(self._collection.class_names)
+        return {name: self._generate_examples(items, values) for name, items in splits.items()}
+
+    def _generate_examples(self, items, values):
+        for case in items:
+            ex = preprocess(case, values, self._prep)
+            ex["case_id"] = case.case_id
+            ex["image_file"] = os.path.relpath(case.images[0], self._collection.root)
+            yield case.case_id, ex
+
+
+def build_nifti_collection(manual_dir: str, data_dir: str, name: str, *, datalist: Optional[str] = None,
+                           preprocessing: Preprocessing = Preprocessing(),
+                           rule: collection_splits.SplitRule = collection_splits.SplitRule(),
+                           overwrite: bool = False) -> tfds.core.DatasetBuilder:
+    """Discovers and checks the collection, fixes its splits (``NAME/splits.json``), writes
+    ``NAME/collection.json`` and builds the TFDS data set into ``data_dir/NAME``; returns the builder."""
+    collection = discover(manual_dir, datalist)
+    channels = validate(collection)
+    dataset_dir = os.path.join(os.fspath(data_dir), name)
+    splits = collection_splits.load_or_make_splits(collection, rule, dataset_dir)
+    values = sorted(collection.class_names)
+    info = {
+        "name": name, "layout": collection.layout, "root": collection.root,
+        "num_channels": channels,
+        "channel_names": list(collection.channel_names) if len(collection.channel_names) == channels
+        else [f"channel{k}" for k in range(channels)],
+        "num_classes": len(values), "class_values": values, "class_names": [collection.class_names[v] for v in values],
+        "spacing": None if preprocessing.spacing is None else list(preprocessing.spacing),
+        "intensity": preprocessing.intensity, "crop_foreground": preprocessing.crop_foreground,
+        "splits": {k: len(v) for k, v in splits.items()},
+    }
+    tmp = os.path.join(dataset_dir, INFO_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, os.path.join(dataset_dir, INFO_FILE))
+    return tfds_utils.build(NiftiCollection, manual_dir, dataset_dir, overwrite=overwrite,
+                            builder_kwargs={"collection": collection, "splits": splits, "preprocessing": preprocessing})

@@ -1,0 +1,101 @@
+"""`build nifti`: a user's collection (datalist, nnU-Net folder, plain folder) built once and read without its files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from medmae_jax.data import nifti
+from medmae_jax.data.datasets import nifti_collection_builder as ncb
+from medmae_jax.main import main
+
+
+def _btcv(shared):
+    return shared / "layouts" / "btcv" / "RawData" / "Training"
+
+
+def _datalist_folder(shared, root):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for k in (1, 2):
+        shutil.copy(_btcv(shared) / "img" / f"img000{k}.nii.gz", root / "images" / f"case{k}.nii.gz")
+        shutil.copy(_btcv(shared) / "label" / f"label000{k}.nii.gz", root / "labels" / f"case{k}.nii.gz")
+    shutil.copy(shared / "mri" / "nibabel" / "anatomical.nii", root / "images" / "extra.nii")
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "CT"}, "labels": {str(k): f"organ{k}" for k in range(14)},
+        "training": [{"image": f"images/case{k}.nii.gz", "label": f"labels/case{k}.nii.gz"} for k in (1, 2)],
+        "unlabeled": ["images/extra.nii"]}))
+
+
+def _build(args, capsys):
+    assert main(["build", "nifti", "--no-progress", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return json.loads(next(line for line in lines if line.startswith('{"dataset"')))
+
+
+def test_datalist_build_read_without_originals(shared_data, tmp_path, capsys):
+    src = tmp_path / "own"
+    _datalist_folder(shared_data, src)
+    out = _build(["--manual-dir", str(src), "--data-dir", str(tmp_path / "built"), "--name", "mine",
+                  "--val-fraction", "0.5", "--seed", "1"], capsys)
+    assert out["splits"] == {"pretrain": 3, "train": 1, "validation": 1}
+    info = ncb.read_collection_info(tmp_path / "built" / "mine")
+    assert (info["num_channels"], info["num_classes"], info["class_names"][13]) == (1, 14, "organ13")
+    splits = json.loads((tmp_path / "built" / "mine" / "splits.json").read_text())
+    original = nib.load(str(src / "labels" / "case1.nii.gz"))
+    original_shape, original_affine = original.shape, original.affine
+    shutil.rmtree(src)  # a built data set is read without the original files
+    source = tfds.data_source("nifti_collection", split="pretrain", data_dir=str(tmp_path / "built" / "mine"))
+    examples = {ncb.tfds_utils.as_str(source[i]["case_id"]): source[i] for i in range(len(source))}
+    assert sorted(examples) == ["case1", "case2", "extra"]
+    ex = examples["case1"]
+    assert ex["image"].shape[-1] == 1 and ex["image"].min() >= 0 and ex["image"].max() <= 1
+    assert ex["label"].shape == ex["image"].shape[:3] and ex["label"].max() <= 13 and bool(ex["has_label"])
+    assert not bool(examples["extra"]["has_label"])
+    back = nifti.to_original(ex["label"], nifti.Geometry.from_features(ex))  # predictions go back to the input grid
+    assert back.shape == original_shape
+    np.testing.assert_allclose(nifti.Geometry.from_features(ex).affine, original_affine, atol=1e-6)
+    # building twice gives the same splits (splits.json is read back)
+    _datalist_folder(shared_data, src)
+    _build(["--manual-dir", str(src), "--data-dir", str(tmp_path / "again"), "--name", "mine",
+            "--val-fraction", "0.5", "--seed", "1"], capsys)
+    assert json.loads((tmp_path / "again" / "mine" / "splits.json").read_text()) == splits
+
+
+def test_nnunet_and_plain_folder_builds(shared_data, tmp_path, capsys):
+    root = tmp_path / "Dataset001"
+    for d in ("imagesTr", "labelsTr"):
+        (root / d).mkdir(parents=True)
+    for k in (1, 2):
+        shutil.copy(_btcv(shared_data) / "img" / f"img000{k}.nii.gz", root / "imagesTr" / f"ab_{k:03d}_0000.nii.gz")
+        shutil.copy(_btcv(shared_data) / "label" / f"label000{k}.nii.gz", root / "labelsTr" / f"ab_{k:03d}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"},
+                                                   "labels": {f"c{k}": k for k in range(14)}}))
+    out = _build(["--manual-dir", str(root), "--data-dir", str(tmp_path / "built"), "--name", "nn",
+                  "--val-fraction", "0.5", "--spacing", "3", "3", "3"], capsys)
+    assert out["splits"] == {"pretrain": 2, "train": 1, "validation": 1}
+    plain = tmp_path / "scans"
+    plain.mkdir()
+    shutil.copy(_btcv(shared_data) / "img" / "img0002.nii.gz", plain / "a.nii.gz")
+    shutil.copy(shared_data / "mri" / "nibabel" / "anatomical.nii", plain / "b.nii")
+    out = _build(["--manual-dir", str(plain), "--data-dir", str(tmp_path / "built"), "--name", "plain",
+                  "--modality", "mr", "--spacing", "2", "2", "2"], capsys)
+    assert out["splits"] == {"pretrain": 2}
+    info = ncb.read_collection_info(tmp_path / "built" / "plain")
+    assert info["num_classes"] == 0 and info["intensity"] == "zscore-nonzero"
+
+
+def test_intensity_rules():
+    image = np.arange(24, dtype=np.float32).reshape(2, 3, 4, 1) - 5
+    out, fg = ncb.normalize(image, "ct-window:0,10")
+    np.testing.assert_allclose(out, np.clip(image / 10, 0, 1))
+    assert fg.sum() == 18
+    out, _ = ncb.normalize(image, "percentile:0,100")
+    np.testing.assert_allclose(out[..., 0], (image[..., 0] + 5) / 23, rtol=1e-6)
+    with pytest.raises(ncb.ConfigError, match="--intensity 'window:1'"):
+        ncb.parse_intensity("window:1")
