@@ -130,7 +130,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3          # keep the newest K checkpoints
     c.checkpoint.async_save = True  # write in the background while training goes on
 
-    c.distributed = False          # call jax.distributed.initialize() (multi-host TPU/GPU)
+    c.distributed = ml_collections.ConfigDict()  # multi-process runs (medmae_jax/train/distributed.py)
+    c.distributed.enabled = False  # join with jax.distributed.initialize (a plain distributed=True means this)
+    c.distributed.coordinator_address = ""  # host:port of process 0 ("": $MEDMAE_COORDINATOR_ADDRESS or auto)
+    c.distributed.num_processes = -1  # processes in the run (-1: $MEDMAE_NUM_PROCESSES or auto-detected)
+    c.distributed.process_id = -1  # this process's index (-1: $MEDMAE_PROCESS_ID or auto-detected)
+    c.distributed.local_device_ids = ()  # devices this process uses (() = all visible)
     return c
 
 

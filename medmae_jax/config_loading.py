@@ -116,6 +116,8 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
         if depth < len(parts) - 1:
             node = node[part]
     last = parts[-1]
+    if isinstance(node[last], ml_collections.ConfigDict) and "enabled" in node[last]:
+        node, last = node[last], "enabled"  # --config.distributed=true: shorthand for the section's switch
     with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
         node[last] = _coerce(key, node[last], raw)
 

@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        rest, overrides = split_overrides(expand_flagfiles(argv))
+        # Everything after a bare -- belongs to a wrapped command (launch) and is passed on untouched.
+        cut = argv.index("--") if "--" in argv else len(argv)
+        rest, overrides = split_overrides(expand_flagfiles(argv[:cut]))
+        rest += argv[cut:]
     except MedMAEError as exc:
         print(f"medmae-jax: error: {exc}", file=sys.stderr)
         return 2

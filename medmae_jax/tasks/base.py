@@ -76,6 +76,14 @@ class Task:
         return ("image",)
 
     # --- objective -------------------------------------------------------------------------------------------
+    def rows_per_example(self) -> int:
+        """Rows one training example adds to a step's device batch (crops per volume for segmentation)."""
+        return 1
+
+    def fold_rows(self, local_batch: dict) -> dict:
+        """Host batch -> the rows the device batch holds (identity; segmentation folds crops into the batch)."""
+        return local_batch
+
     def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, train: bool):
         raise NotImplementedError
 

@@ -381,6 +381,16 @@ class SegmentationTask(base.Task):
     def batch_keys(self) -> tuple[str, ...]:
         return ("image", "target")
 
+    def rows_per_example(self) -> int:
+        return int(self.config.segmentation.crops_per_volume)
+
+    def fold_rows(self, local_batch: dict) -> dict:
+        """(B, crops, ...) -> (B * crops, ...): the crops axis is split over the mesh with the batch, so a batch of
+        6 volumes x 4 crops runs on 4 or 8 devices."""
+        if local_batch["image"].ndim != len(self.config.model.input_size) + 3:
+            return local_batch
+        return {k: v.reshape((-1,) + v.shape[2:]) for k, v in local_batch.items()}
+
     def target_of(self, label: np.ndarray) -> np.ndarray:
         """Training target from a label map: the labels (multiclass) or region masks (regions)."""
         s = self.config.segmentation

@@ -120,3 +120,36 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence = DEFAULT_RUL
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, abstract_tree, is_leaf=_is_box)
+
+
+def check_batch_fits(batch_size: int, rows_per_example: int, config_mesh: Mapping[str, int], num_devices: int,
+                     num_processes: int = 1) -> None:
+    """Fail early (before data or compilation) when a step's rows do not split over the batch axes or processes.
+
+    A step has ``batch_size * rows_per_example`` rows (segmentation folds its crops into the batch axis).
+    """
+    shape = mesh_shape(config_mesh, num_devices)
+    split = math.prod(shape[MESH_AXES.index(a)] for a in BATCH_AXES)
+    rows = int(batch_size) * int(rows_per_example)
+    what = f"batch_size {batch_size}" + (f" x {rows_per_example} crops = {rows} rows" if rows_per_example > 1 else "")
+    if batch_size % num_processes:
+        raise ConfigError(f"{what}: batch_size must be a multiple of the {num_processes} processes (each loads an "
+                          f"equal share); use batch_size={_next_multiple(batch_size, num_processes)}")
+    if rows % split:
+        fits = math.gcd(rows, num_devices)
+        raise ConfigError(
+            f"{what} does not split over the mesh's batch axes {dict(zip(MESH_AXES, shape))} ({split} devices): "
+            f"use batch_size={_next_multiple(rows, split) // rows_per_example if rows_per_example == 1 else _fit(batch_size, rows_per_example, split)}"
+            f" on this mesh, or a mesh of {fits} devices (mesh.data={fits}, mesh.fsdp=1)")
+
+
+def _next_multiple(value: int, divisor: int) -> int:
+    return -(-value // divisor) * divisor
+
+
+def _fit(batch_size: int, rows_per_example: int, split: int) -> int:
+    """Smallest batch >= batch_size whose rows (batch x crops) divide over ``split`` devices."""
+    b = batch_size
+    while (b * rows_per_example) % split:
+        b += 1
+    return b

@@ -32,6 +32,7 @@ from medmae_jax.data import pipeline
 from medmae_jax.errors import NonFiniteError
 from medmae_jax.tasks import get_task
 from medmae_jax.train import checkpoint as ckpt_lib
+from medmae_jax.train import distributed
 from medmae_jax.train import mesh as mesh_lib
 from medmae_jax.train import optim, preflight
 from medmae_jax.train.metrics_writer import MetricsWriter
@@ -95,9 +96,11 @@ class Trainer:
     def __init__(self, config, workdir: str):
         self.config = config
         self.workdir = workdir
-        if config.get("distributed", False):
-            jax.distributed.initialize()
+        distributed.initialize(config.get("distributed", False))
         self.task = get_task(config)
+        # Before any data is read or anything compiled: the global batch must split over the batch axes.
+        mesh_lib.check_batch_fits(config.batch_size, self.task.rows_per_example(), config.mesh, jax.device_count(),
+                                  jax.process_count())
         self.mesh = mesh_lib.make_mesh(config.mesh)
         preflight.check_before_training(config, self.mesh.devices.size)  # before any data loading or compile
         self.rules = mesh_lib.rules_from_config(config.sharding_rules)
@@ -188,7 +191,8 @@ class Trainer:
                                     num_threads=self.config.data.loader_threads, prefetch=self.config.data.prefetch)
 
     def device_batch(self, local: dict) -> dict:
-        return pipeline.to_global_arrays({k: local[k] for k in self.task.batch_keys()},
+        local = self.task.fold_rows({k: local[k] for k in self.task.batch_keys()})
+        return pipeline.to_global_arrays(local,
                                          self.batch_shardings[self.task.batch_keys()[0]])
 
     # --- loop ------------------------------------------------------------------------------------------------
@@ -250,7 +254,7 @@ class Trainer:
                         eval_metrics = self._evaluate(state, step, writer, progress)
                         rate.restart(step)
                     save_now = step % config.checkpoint.every_steps == 0 or step == self.total_steps
-                    if stop.requested or mngr.reached_preemption(step):
+                    if distributed.agree_any(stop.requested) or mngr.reached_preemption(step):
                         if pending is not None:
                             self._check(pending, mngr, losses, window)
                             pending = None
@@ -263,6 +267,8 @@ class Trainer:
                     self._check(pending, mngr, losses, window)
                 if not preempted and (self.total_steps > start or eval_metrics is None):
                     eval_metrics = self._evaluate(state, step, writer, progress)
+                    # SIGTERM during the final evaluation: the last step is saved; evaluation re-runs on resume.
+                    preempted = distributed.agree_any(stop.requested)
         finally:
             mngr.wait_until_finished()
             mngr.close()
