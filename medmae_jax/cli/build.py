@@ -8,9 +8,9 @@ import time
 
 from medmae_jax.console import human_bytes, print_wrote, progress_enabled, tree_bytes
 
-HELP = "build chestxray14 | btcv | msd_brain_tumour | nifti (your own NIfTI folder) into --data-dir"
+HELP = "build chestxray14 | btcv | msd_brain_tumour | nifti | images (your own data) into --data-dir"
 
-DATASETS = ("chestxray14", "btcv", "msd_brain_tumour", "nifti")
+DATASETS = ("chestxray14", "btcv", "msd_brain_tumour", "nifti", "images")
 
 
 def add_arguments(parser):
@@ -37,6 +37,12 @@ def add_arguments(parser):
     own.add_argument("--fold", type=int, default=0,
                      help="the validation fold when --folds > 0 or the datalist has folds")
     own.add_argument("--seed", type=int, default=0, help="seed of the patient shuffle (splits.json keeps the result)")
+    two = parser.add_argument_group("images: your own 2-D images (PNG/JPEG) with an optional label CSV")
+    two.add_argument("--labels", default=None, help="CSV naming images and their labels (unnamed images: unlabeled)")
+    two.add_argument("--image-column", default=None, help="CSV column naming the image (default Image Index or image)")
+    two.add_argument("--label-columns", default=None, help="comma-separated 0/1 label columns")
+    two.add_argument("--findings-column", default=None, help="a '|'-separated findings column (default Finding Labels)")
+    two.add_argument("--patient-column", default=None, help="keeps each patient's images in one split")
 
 
 def run(args, overrides) -> int:
@@ -54,6 +60,8 @@ def run(args, overrides) -> int:
         builder = build_chestxray14(args.manual_dir, args.data_dir, **kw)
     elif args.dataset == "nifti":
         builder = _build_nifti(args)
+    elif args.dataset == "images":
+        builder = _build_images(args)
     else:
         if args.image_size is not None:
             raise ConfigError(f"--image-size applies to chestxray14, not {args.dataset}")
@@ -89,6 +97,20 @@ def _build_nifti(args):
     rule = collection_splits.SplitRule(val_fraction=args.val_fraction, folds=args.folds, fold=args.fold, seed=args.seed)
     return ncb.build_nifti_collection(args.manual_dir, args.data_dir, args.name, datalist=args.datalist,
                                       preprocessing=prep, rule=rule, overwrite=args.overwrite)
+
+
+def _build_images(args):
+    from medmae_jax.data.datasets import collection_splits, image_folder
+    from medmae_jax.errors import ConfigError
+    if not args.name:
+        raise ConfigError("build images needs --name NAME (the data set folder under --data-dir)")
+    rule = collection_splits.SplitRule(val_fraction=args.val_fraction, folds=args.folds, fold=args.fold, seed=args.seed)
+    columns = tuple(c.strip() for c in args.label_columns.split(",")) if args.label_columns else ()
+    csv_kwargs = {"image_column": args.image_column, "label_columns": columns,
+                  "findings_column": args.findings_column, "patient_column": args.patient_column}
+    return image_folder.build_image_folder(args.manual_dir, args.data_dir, args.name, labels_csv=args.labels,
+                                           image_size=args.image_size or 256, rule=rule, overwrite=args.overwrite,
+                                           **(csv_kwargs if args.labels else {}))
 
 
 def _full_name(builder) -> str:

@@ -42,13 +42,18 @@ def check_collection(config) -> None:
                           f"after medmae-jax build ... --data-dir DATA_DIR --name NAME")
     info = read_collection_info(config.data.data_dir)
     where = os.path.join(config.data.data_dir, "collection.json")
-    if int(info["num_channels"]) != int(config.model.in_channels):
+    # 2-D image folders are stored gray; the 2-D pipeline repeats gray over model.in_channels (as ChestX-ray14).
+    if config.data.name == "nifti_collection" and int(info["num_channels"]) != int(config.model.in_channels):
         raise ConfigError(f"{info.get('name')}: the data set has {info['num_channels']} channel(s) ({where}) but "
                           f"model.in_channels is {config.model.in_channels}; drop the override or rebuild")
     if config.task == "segmentation" and config.segmentation.kind == "multiclass" \
             and int(info["num_classes"]) != int(config.segmentation.num_classes):
         raise ConfigError(f"{info.get('name')}: the data set has {info['num_classes']} classes ({where}) but "
                           f"segmentation.num_classes is {config.segmentation.num_classes}; "
+                          f"drop the override or rebuild")
+    if config.task == "classification" and int(info["num_classes"]) != int(config.classification.num_classes):
+        raise ConfigError(f"{info.get('name')}: the data set has {info['num_classes']} classes ({where}) but "
+                          f"classification.num_classes is {config.classification.num_classes}; "
                           f"drop the override or rebuild")
 
 
