@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from medmae_jax.cli.launch import free_port, process_env
 from medmae_jax.errors import ConfigError
 from medmae_jax.train import checkpoint as ckpt_lib

@@ -137,9 +137,11 @@ def check_batch_fits(batch_size: int, rows_per_example: int, config_mesh: Mappin
                           f"equal share); use batch_size={_next_multiple(batch_size, num_processes)}")
     if rows % split:
         fits = math.gcd(rows, num_devices)
+        suggested = (_next_multiple(rows, split) if rows_per_example == 1
+                     else _fit(batch_size, rows_per_example, split))
         raise ConfigError(
             f"{what} does not split over the mesh's batch axes {dict(zip(MESH_AXES, shape))} ({split} devices): "
-            f"use batch_size={_next_multiple(rows, split) // rows_per_example if rows_per_example == 1 else _fit(batch_size, rows_per_example, split)}"
+            f"use batch_size={suggested}"
             f" on this mesh, or a mesh of {fits} devices (mesh.data={fits}, mesh.fsdp=1)")
 
 

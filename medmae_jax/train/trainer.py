@@ -32,9 +32,8 @@ from medmae_jax.data import pipeline
 from medmae_jax.errors import NonFiniteError
 from medmae_jax.tasks import get_task
 from medmae_jax.train import checkpoint as ckpt_lib
-from medmae_jax.train import distributed
+from medmae_jax.train import distributed, optim, preflight
 from medmae_jax.train import mesh as mesh_lib
-from medmae_jax.train import optim, preflight
 from medmae_jax.train.metrics_writer import MetricsWriter
 
 
