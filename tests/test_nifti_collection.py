@@ -169,3 +169,24 @@ def test_plain_folder_is_unlabeled(shared_data, tmp_path):
     assert col.layout == "folder" and [c.case_id for c in col.cases] == ["a__s1", "s2"]
     assert all(c.label is None for c in col.cases) and nc.validate(col) == 1
     assert cs.make_splits(col, cs.SplitRule()) == {"pretrain": ["a__s1", "s2"], "test": []}
+
+
+def test_patient_in_two_folds(collection_dir):
+    _rewrite(collection_dir, training=[
+        {"image": "images/case1.nii.gz", "label": "labels/case1.nii.gz", "patient": "p1", "fold": 0},
+        {"image": "images/case2.nii.gz", "label": "labels/case2.nii.gz", "patient": "p1", "fold": 1}])
+    with pytest.raises(DataError, match=r"training\[1\]: patient 'p1' is in two splits \(training fold 1 and "
+                                        r"training fold 0 via dataset.json training\[0\]\)"):
+        nc.validate(nc.discover(str(collection_dir)))
+
+
+def test_fold_keys_pick_validation(collection_dir):
+    _rewrite(collection_dir, training=[
+        {"image": "images/case1.nii.gz", "label": "labels/case1.nii.gz", "fold": 0},
+        {"image": "images/case2.nii.gz", "label": "labels/case2.nii.gz", "fold": 1}])
+    col = nc.discover(str(collection_dir))
+    assert nc.validate(col) == 1
+    splits = cs.make_splits(col, cs.SplitRule(fold=1))
+    assert (splits["train"], splits["validation"]) == (["case1"], ["case2"])
+    with pytest.raises(DataError, match=r"split 'validation' is empty after the split rule"):
+        cs.make_splits(col, cs.SplitRule(fold=2))

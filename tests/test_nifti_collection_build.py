@@ -57,6 +57,8 @@ def test_datalist_build_read_without_originals(shared_data, tmp_path, capsys):
     assert ex["image"].shape[-1] == 1 and ex["image"].min() >= 0 and ex["image"].max() <= 1
     assert ex["label"].shape == ex["image"].shape[:3] and ex["label"].max() <= 13 and bool(ex["has_label"])
     assert not bool(examples["extra"]["has_label"])
+    sizes = np.array([e["image"].shape[:3] for e in examples.values()])  # recorded for the ROI check in preflight
+    assert info["volume_shapes"]["pretrain"] == {"min": sizes.min(0).tolist(), "max": sizes.max(0).tolist()}
     back = nifti.to_original(ex["label"], nifti.Geometry.from_features(ex))  # predictions go back to the input grid
     assert back.shape == original_shape
     np.testing.assert_allclose(nifti.Geometry.from_features(ex).affine, original_affine, atol=1e-6)
