@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from medmae_jax.data import nifti
 from medmae_jax.data.datasets import nifti_collection_builder as ncb
+from medmae_jax.errors import DataError
 from medmae_jax.main import main
 
 
@@ -101,3 +102,35 @@ def test_intensity_rules():
     np.testing.assert_allclose(out[..., 0], (image[..., 0] + 5) / 23, rtol=1e-6)
     with pytest.raises(ncb.ConfigError, match="--intensity 'window:1'"):
         ncb.parse_intensity("window:1")
+
+
+def test_rebuild_under_the_same_name_is_reused_only_when_built_the_same_way(shared_data, tmp_path):
+    src = tmp_path / "own"
+    _datalist_folder(shared_data, src)
+    prep = ncb.Preprocessing(spacing=(3.0, 3.0, 3.0))
+    rule = ncb.collection_splits.SplitRule(val_fraction=0.5)
+
+    def build(**kw):
+        return ncb.build_nifti_collection(str(src), str(tmp_path / "data"), "mine", **{"preprocessing": prep,
+                                                                                       "rule": rule, **kw})
+
+    first = build()
+    shape = tfds.data_source("nifti_collection", split="pretrain", data_dir=first.data_dir_root)[0]["image"].shape
+    build()  # same way: the built data set is reused
+    with pytest.raises(DataError, match=r"mine: already built differently \(spacing \[3.0, 3.0, 3.0\] -> "
+                                            r"\[2.0, 2.0, 2.0\]\); pass --overwrite to rebuild it"):
+        build(preprocessing=ncb.Preprocessing(spacing=(2.0, 2.0, 2.0)))
+    splits_file = tmp_path / "data" / "mine" / "splits.json"
+    edited = json.loads(splits_file.read_text())
+    swapped = edited["splits"]
+    swapped["train"], swapped["validation"] = swapped["validation"], swapped["train"]
+    splits_file.write_text(json.dumps(edited))
+    with pytest.raises(DataError, match=r"already built differently \(splits [0-9a-f]+ -> [0-9a-f]+\)"):
+        build()
+    again = build(preprocessing=ncb.Preprocessing(spacing=(2.0, 2.0, 2.0)), overwrite=True)
+    info = ncb.read_collection_info(tmp_path / "data" / "mine")
+    assert info["spacing"] == [2.0, 2.0, 2.0] and info["build"]["spacing"] == [2.0, 2.0, 2.0]
+    train = tfds.data_source("nifti_collection", split="train", data_dir=again.data_dir_root)
+    assert [ncb.tfds_utils.as_str(train[i]["case_id"]) for i in range(len(train))] == edited["splits"]["train"]
+    assert tfds.data_source("nifti_collection", split="pretrain", data_dir=again.data_dir_root)[0]["image"].shape \
+        != shape
