@@ -9,10 +9,10 @@ from medmae_jax.errors import ConfigError
 from medmae_jax.train import preflight
 
 
-def _collection_config(tmp_path, channels=1, classes=3):
+def _collection_config(tmp_path, channels=1, classes=3, **info):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "collection.json").write_text(json.dumps({"name": "mine", "num_channels": channels,
-                                                                   "num_classes": classes}))
+                                                                   "num_classes": classes, **info}))
     c = config_base.base_config()
     c.data.name = c.data.tfds_name = "nifti_collection"
     c.data.data_dir = str(tmp_path / "mine")
@@ -47,3 +47,31 @@ def test_missing_split_is_named_before_training(tmp_path):
     wanted = r"nifti_collection in .*mine: split 'pretrain' \(data.train_split\) cannot be opened"
     with pytest.raises(ConfigError, match=wanted):
         preflight.check_splits(c)
+
+
+def test_roi_must_fit_the_stored_volumes(tmp_path):
+    shapes = {"pretrain": {"min": [20, 30, 10], "max": [70, 90, 40]}}
+    c = _collection_config(tmp_path, spacing=[1.5, 1.5, 2.0], volume_shapes=shapes)
+    c.data.train_split = "pretrain"
+    c.model.input_size = (64, 64, 64)  # larger than the largest volume along axis 2, but 40 / 64 of a crop is data
+    preflight.check_collection(c)
+    c.model.input_size = (128, 128, 64)
+    wanted = (r"mine: the ROI model.input_size \(128, 128, 64\) voxels = 192 x 192 x 128 mm at the collection's "
+              r"spacing 1.5 x 1.5 x 2 mm is mostly padding: the largest volume of split 'pretrain' is "
+              r"\(70, 90, 40\) voxels \(smaller along axis 0, 1, 2\), so at most 24% of a crop holds data; "
+              r"use a smaller ROI, e.g. --config.model.input_size='\(64,80,32\)', or rebuild with a finer --spacing")
+    with pytest.raises(ConfigError, match=wanted):
+        preflight.check_collection(c)
+    c.data.train_split = "train"  # no sizes recorded for it: nothing to check here (check_splits names a bad split)
+    preflight.check_collection(c)
+
+
+def test_2d_input_must_fit_the_stored_images(tmp_path):
+    c = _collection_config(tmp_path, image_size=32)
+    c.data.name = c.data.tfds_name = "image_folder"
+    c.model.spatial_dims, c.model.input_size, c.model.patch_size = 2, (32, 32), 8
+    preflight.check_collection(c)
+    c.model.input_size = (64, 64)
+    with pytest.raises(ConfigError, match=r"mine: model.input_size \(64, 64\) is larger than the stored images "
+                                          r"\(32x32, build images --image-size\); rebuild with --image-size 64"):
+        preflight.check_collection(c)

@@ -2,14 +2,19 @@
 
 Each failure is one :class:`ConfigError` naming the data set, the split and the fix: a named split
 that is missing or empty, channel or class counts that differ from the model, an ROI the patch
-size does not divide, a global batch the device mesh does not divide.
+size does not divide or larger than the stored volumes (at their spacing), a global batch the device mesh does not
+divide.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from medmae_jax.errors import ConfigError, MedMAEError
+
+MIN_ROI_DATA_SHARE = 0.5  # a 3-D crop of the largest training volume must be at least this share data, not padding
 
 
 def _dataset_label(config) -> str:
@@ -34,6 +39,38 @@ def check_roi(config) -> None:
                           f"use e.g. {tuple(max(patch, r // patch * patch) for r in roi)}")
 
 
+def check_roi_fits(config, info: dict) -> None:
+    """The ROI must fit the stored data: a 3-D ROI whose crops of the training split's largest volume are at least
+    half data (at the collection's spacing; smaller volumes are zero-padded as MONAI SpatialPad does), a 2-D input
+    no larger than the stored images (else every view is upsampled)."""
+    roi, patch = tuple(int(x) for x in config.model.input_size), int(config.model.patch_size)
+    name = info.get("name")
+    if int(config.model.spatial_dims) == 2 and info.get("image_size"):
+        stored = int(info["image_size"])
+        if max(roi) > stored:
+            raise ConfigError(f"{name}: model.input_size {roi} is larger than the stored images ({stored}x{stored}, "
+                              f"build images --image-size); rebuild with --image-size {max(roi)} or use a smaller "
+                              f"model.input_size")
+        return
+    split = config.data.get("train_split")
+    largest = (info.get("volume_shapes") or {}).get(split, {}).get("max")
+    if int(config.model.spatial_dims) != 3 or not largest:
+        return  # built before sizes were recorded, or a split the build did not write (check_splits names it)
+    too_big = [a for a, (r, m) in enumerate(zip(roi, largest)) if r > m]
+    data_share = float(np.prod([min(r, m) / r for r, m in zip(roi, largest)]))
+    if data_share >= MIN_ROI_DATA_SHARE:
+        return
+    spacing = info.get("spacing")
+    mm = (f" = {' x '.join(f'{r * s:g}' for r, s in zip(roi, spacing))} mm at the collection's spacing "
+          f"{' x '.join(f'{s:g}' for s in spacing)} mm" if spacing else "")
+    fit = ",".join(str(max(patch, min(r, m) // patch * patch)) for r, m in zip(roi, largest))
+    raise ConfigError(f"{name}: the ROI model.input_size {roi} voxels{mm} is mostly padding: the largest volume of "
+                      f"split {split!r} is {tuple(largest)} voxels (smaller along axis "
+                      f"{', '.join(map(str, too_big))}), so at most {data_share:.0%} of a crop holds data; "
+                      f"use a smaller ROI, e.g. --config.model.input_size='({fit})', "
+                      f"or rebuild with a finer --spacing")
+
+
 def check_collection(config) -> None:
     """A collection built by ``build nifti``/``build images``: channel and class counts from its collection.json."""
     from medmae_jax.data.datasets.collection_info import read_collection_info
@@ -55,6 +92,7 @@ def check_collection(config) -> None:
         raise ConfigError(f"{info.get('name')}: the data set has {info['num_classes']} classes ({where}) but "
                           f"classification.num_classes is {config.classification.num_classes}; "
                           f"drop the override or rebuild")
+    check_roi_fits(config, info)
 
 
 def check_splits(config) -> None:

@@ -23,7 +23,12 @@ import tensorflow_datasets as tfds
 
 from medmae_jax.data import nifti, transforms
 from medmae_jax.data.datasets import collection_splits, tfds_utils
-from medmae_jax.data.datasets.collection_info import INFO_FILE, read_collection_info  # noqa: F401 (re-exported)
+from medmae_jax.data.datasets.collection_info import (
+    INFO_FILE,
+    digest,
+    read_collection_info,  # noqa: F401 (re-exported)
+    refuse_stale_reuse,
+)
 from medmae_jax.data.datasets.nifti_collection import Collection, CollectionCase, discover, strip_nifti_suffix, validate
 from medmae_jax.errors import ConfigError
 
@@ -110,6 +115,7 @@ class NiftiCollection(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def __init__(self, *, collection: Optional[Collection] = None, splits: Optional[dict] = None,
                  preprocessing: Preprocessing = Preprocessing(), **kwargs):
         self._collection, self._splits, self._prep = collection, splits, preprocessing
+        self.volume_shapes: dict[str, list[tuple[int, int, int]]] = {}  # split -> stored spatial shapes (as built)
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -128,11 +134,12 @@ class NiftiCollection(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         by_id = {c.case_id: c for c in self._collection.cases}
         splits = tfds_utils.non_empty_splits(TFDS_NAME, {k: [by_id[i] for i in v] for k, v in self._splits.items()})
         values = sorted(self._collection.class_names)
-        return {name: self._generate_examples(items, values) for name, items in splits.items()}
+        return {name: self._generate_examples(name, items, values) for name, items in splits.items()}
 
-    def _generate_examples(self, items, values):
+    def _generate_examples(self, split, items, values):
         for case in items:
             ex = preprocess(case, values, self._prep)
+            self.volume_shapes.setdefault(split, []).append(tuple(int(n) for n in ex["image"].shape[:3]))
             ex["case_id"] = case.case_id
             ex["image_file"] = os.path.relpath(case.images[0], self._collection.root)
             yield case.case_id, ex
@@ -159,12 +166,45 @@ def build_nifti_collection(manual_dir: str, data_dir: str, name: str, *, datalis
         "intensity": preprocessing.intensity, "crop_foreground": preprocessing.crop_foreground,
         "splits": {k: len(v) for k, v in splits.items()},
     }
+    info["build"] = {"spacing": info["spacing"], "intensity": info["intensity"],
+                     "crop_foreground": info["crop_foreground"], "num_channels": channels, "class_values": values,
+                     "splits": digest(splits)}
+    refuse_stale_reuse(dataset_dir, TFDS_NAME, info["build"], overwrite)
+    previous = _read_info_if_any(dataset_dir)
+    _write_info(dataset_dir, info)
+    builder = tfds_utils.build(NiftiCollection, manual_dir, dataset_dir, overwrite=overwrite,
+                               builder_kwargs={"collection": collection, "splits": splits,
+                                               "preprocessing": preprocessing})
+    if builder.volume_shapes:  # generated now; a reused build keeps the sizes recorded when it was generated
+        info["volume_shapes"] = summarize_shapes(builder.volume_shapes)
+    elif "volume_shapes" in previous:
+        info["volume_shapes"] = previous["volume_shapes"]
+    _write_info(dataset_dir, info)
+    return builder
+
+
+def summarize_shapes(shapes: dict[str, list[tuple[int, int, int]]]) -> dict[str, dict[str, list[int]]]:
+    """Per split, the smallest and largest stored volume size per axis (voxels), for the ROI check before training."""
+    return {split: {"min": [int(n) for n in np.min(s, 0)], "max": [int(n) for n in np.max(s, 0)]}
+            for split, s in shapes.items() if s}
+
+
+def _read_info_if_any(dataset_dir: str) -> dict:
+    path = os.path.join(dataset_dir, INFO_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}  # unreadable: rewritten below
+
+
+def _write_info(dataset_dir: str, info: dict) -> None:
     tmp = os.path.join(dataset_dir, INFO_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(info, f, indent=1)
     os.replace(tmp, os.path.join(dataset_dir, INFO_FILE))
-    return tfds_utils.build(NiftiCollection, manual_dir, dataset_dir, overwrite=overwrite,
-                            builder_kwargs={"collection": collection, "splits": splits, "preprocessing": preprocessing})
 
 
 def preprocessing_of(info: dict) -> Preprocessing:
