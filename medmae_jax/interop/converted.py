@@ -10,13 +10,12 @@ conversion's model description (layout, encoder/decoder sizes, what was assumed)
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 
-from medmae_jax import config_base
+from medmae_jax import config_base, paths
 from medmae_jax.errors import ConversionError
 from medmae_jax.interop.report import ConversionReport
 
@@ -70,12 +69,12 @@ def save_converted(out_dir: str, params: Any, model_config: Mapping, report: Opt
     """Write params as ``out_dir/checkpoints/0`` plus ``model.json``; returns the checkpoint directory."""
     from medmae_jax.train import checkpoint as ckpt_lib
 
-    os.makedirs(out_dir, exist_ok=True)
-    mngr = ckpt_lib.manager(os.path.join(out_dir, "checkpoints"), keep=1, async_save=False)
+    paths.resolve(out_dir).mkdir(parents=True, exist_ok=True)
+    mngr = ckpt_lib.manager(paths.join(out_dir, "checkpoints"), keep=1, async_save=False)
     try:
         if mngr.latest_step() is not None:
             raise ConversionError(f"{out_dir} already holds a checkpoint; choose an empty folder")
-        meta = {"step": 0, "seed": 0, "converted_from": os.path.abspath(source),
+        meta = {"step": 0, "seed": 0, "converted_from": str(paths.resolve(source)),
                 "layout": model_config.get("layout"), "model": _jsonable(dict(model_config))}
         try:
             meta["config"] = json.loads(training_config(model_config).to_json_best_effort())
@@ -88,18 +87,16 @@ def save_converted(out_dir: str, params: Any, model_config: Mapping, report: Opt
         mngr.wait_until_finished()
     finally:
         mngr.close()
-    with open(os.path.join(out_dir, MODEL_JSON), "w") as f:
-        json.dump(_jsonable(dict(model_config)), f, indent=2)
-    return os.path.join(out_dir, "checkpoints")
+    (paths.resolve(out_dir) / MODEL_JSON).write_text(json.dumps(_jsonable(dict(model_config)), indent=2))
+    return paths.join(out_dir, "checkpoints")
 
 
 def model_config_for_checkpoint(path: str, meta: Mapping) -> dict:
     """The conversion model description of a checkpoint: ``model.json`` if converted, else from its training config."""
-    candidates = [os.path.join(path, MODEL_JSON), os.path.join(os.path.dirname(os.path.abspath(path)), MODEL_JSON)]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            with open(candidate) as f:
-                return json.load(f)
+    where = paths.resolve(path)
+    for candidate in (where / MODEL_JSON, where.parent / MODEL_JSON):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
     if "model" in meta and isinstance(meta["model"], Mapping):
         return dict(meta["model"])
     train = meta.get("config")

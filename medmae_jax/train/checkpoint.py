@@ -9,7 +9,6 @@ fine-tuning initialisation and evaluation.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from medmae_jax import paths
 from medmae_jax.errors import ConfigError
 
 STATE, META = "state", "meta"
@@ -25,7 +25,8 @@ STATE, META = "state", "meta"
 def manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=(STATE, META))
+    # Local paths made absolute; gs:// and other schemes kept as written (never a local "gs:" folder).
+    return ocp.CheckpointManager(paths.resolve(directory), options=options, item_names=(STATE, META))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
@@ -46,7 +47,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
 
 def find_checkpoint(path: str) -> tuple[str, int]:
     """(checkpoints directory, step) from a workdir, its ``checkpoints`` dir or one step dir (latest step)."""
-    p = epath.Path(path)
+    p = paths.resolve(path)
     candidates = [p / "checkpoints", p]
     for directory in candidates:
         if directory.is_dir():
