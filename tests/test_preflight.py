@@ -53,13 +53,13 @@ def test_roi_must_fit_the_stored_volumes(tmp_path):
     shapes = {"pretrain": {"min": [20, 30, 10], "max": [70, 90, 40]}}
     c = _collection_config(tmp_path, spacing=[1.5, 1.5, 2.0], volume_shapes=shapes)
     c.data.train_split = "pretrain"
-    c.model.input_size = (64, 64, 32)  # fits the largest volume (smaller ones are padded)
+    c.model.input_size = (64, 64, 64)  # larger than the largest volume along axis 2, but 40 / 64 of a crop is data
     preflight.check_collection(c)
-    c.model.input_size = (64, 64, 48)
-    wanted = (r"mine: the ROI model.input_size \(64, 64, 48\) voxels = 96 x 96 x 96 mm at the collection's spacing "
-              r"1.5 x 1.5 x 2 mm is larger than every volume of split 'pretrain' along axis 2 \(largest \(70, 90, 40\) "
-              r"voxels\); use a smaller ROI, e.g. --config.model.input_size='\(64,64,32\)', or rebuild with a finer "
-              r"--spacing")
+    c.model.input_size = (128, 128, 64)
+    wanted = (r"mine: the ROI model.input_size \(128, 128, 64\) voxels = 192 x 192 x 128 mm at the collection's "
+              r"spacing 1.5 x 1.5 x 2 mm is mostly padding: the largest volume of split 'pretrain' is "
+              r"\(70, 90, 40\) voxels \(smaller along axis 0, 1, 2\), so at most 24% of a crop holds data; "
+              r"use a smaller ROI, e.g. --config.model.input_size='\(64,80,32\)', or rebuild with a finer --spacing")
     with pytest.raises(ConfigError, match=wanted):
         preflight.check_collection(c)
     c.data.train_split = "train"  # no sizes recorded for it: nothing to check here (check_splits names a bad split)
@@ -75,3 +75,26 @@ def test_2d_input_must_fit_the_stored_images(tmp_path):
     with pytest.raises(ConfigError, match=r"mine: model.input_size \(64, 64\) is larger than the stored images "
                                           r"\(32x32, build images --image-size\); rebuild with --image-size 64"):
         preflight.check_collection(c)
+
+
+def _write_info(root, name, **info):
+    (root / name).mkdir()
+    (root / name / "collection.json").write_text(json.dumps({"name": name, **info}))
+
+
+def test_generic_configs_read_counts_and_refuse_unlabeled_collections(tmp_path):
+    from medmae_jax import config_loading
+    _write_info(tmp_path, "mr", num_channels=4, num_classes=3, class_names=["background", "edema", "tumour"])
+    _write_info(tmp_path, "scans", num_channels=1, num_classes=0, class_names=[])
+    _write_info(tmp_path, "xr", num_channels=1, num_classes=0, class_names=[], image_size=64)
+    c = config_loading.config_from_args(f"nifti_unetr:quick,dataset=mr,data_dir={tmp_path}", [])
+    assert (c.model.in_channels, c.segmentation.num_classes, tuple(c.segmentation.class_names)) == (
+        4, 3, ("edema", "tumour"))
+    assert config_loading.config_from_args(f"nifti_mae3d:quick,dataset=mr,data_dir={tmp_path}", []).model.in_channels \
+        == 4
+    with pytest.raises(ConfigError, match=r"scans: the collection has no labeled case \(num_classes 0\); UNETR needs"):
+        config_loading.config_from_args(f"nifti_unetr:quick,dataset=scans,data_dir={tmp_path}", [])
+    with pytest.raises(ConfigError, match=r"xr: no labels were built; rebuild with --labels labels.csv"):
+        config_loading.config_from_args(f"images_finetune:quick,dataset=xr,data_dir={tmp_path}", [])
+    assert config_loading.config_from_args(f"images_mae:quick,dataset=xr,data_dir={tmp_path}", []).data.image_size \
+        == (64, 64)

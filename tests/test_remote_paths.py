@@ -3,9 +3,9 @@ metrics and TensorBoard, checkpoints, resumes and is read back.
 
 Stand-in for Google Cloud Storage (no network, no credentials): etils.epath's ``gs`` backend is replaced by one that
 maps ``gs://bucket/...`` onto ``<tmp>/store/bucket/...``, and orbax's TensorStore GCS spec by a file spec at the same
-place (and its bucket-layout query answers "flat"). Everything above those two storage calls (paths, checkpoint manager, metric writer, trainer) runs as it would
-on GCS. fsspec's ``memory://`` is not usable here: epath does not register it and orbax writes arrays through
-TensorStore, whose file driver needs an absolute local path.
+place (and its bucket-layout query answers "flat"). Everything above those storage calls (paths, checkpoint
+manager, metric writer, trainer) runs as it would on GCS. fsspec's ``memory://`` is not usable here: epath does not
+register it and orbax writes arrays through TensorStore, whose file driver needs an absolute local path.
 """
 
 from __future__ import annotations

@@ -45,8 +45,13 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
     return out[STATE], dict(out[META])
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (orbax reads only absolute paths); remote paths (``gs://...``) unchanged."""
+    return str(paths.resolve(path))
+
+
 def find_checkpoint(path: str) -> tuple[str, int]:
-    """(checkpoints directory, step) from a workdir, its ``checkpoints`` dir or one step dir (latest step)."""
+    """(absolute checkpoints directory, step) from a workdir, its ``checkpoints`` dir or one step dir (latest step)."""
     p = paths.resolve(path)
     candidates = [p / "checkpoints", p]
     for directory in candidates:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from medmae_jax.errors import ConfigError, MedMAEError
+
+MIN_ROI_DATA_SHARE = 0.5  # a 3-D crop of the largest training volume must be at least this share data, not padding
 
 
 def _dataset_label(config) -> str:
@@ -36,9 +40,9 @@ def check_roi(config) -> None:
 
 
 def check_roi_fits(config, info: dict) -> None:
-    """The ROI must fit the stored data: a 3-D ROI no larger than the largest volume of the training split along
-    any axis (at the collection's spacing; else every crop is mostly padding), a 2-D input no larger than the
-    stored images (else every view is upsampled)."""
+    """The ROI must fit the stored data: a 3-D ROI whose crops of the training split's largest volume are at least
+    half data (at the collection's spacing; smaller volumes are zero-padded as MONAI SpatialPad does), a 2-D input
+    no larger than the stored images (else every view is upsampled)."""
     roi, patch = tuple(int(x) for x in config.model.input_size), int(config.model.patch_size)
     name = info.get("name")
     if int(config.model.spatial_dims) == 2 and info.get("image_size"):
@@ -53,14 +57,16 @@ def check_roi_fits(config, info: dict) -> None:
     if int(config.model.spatial_dims) != 3 or not largest:
         return  # built before sizes were recorded, or a split the build did not write (check_splits names it)
     too_big = [a for a, (r, m) in enumerate(zip(roi, largest)) if r > m]
-    if not too_big:
+    data_share = float(np.prod([min(r, m) / r for r, m in zip(roi, largest)]))
+    if data_share >= MIN_ROI_DATA_SHARE:
         return
     spacing = info.get("spacing")
     mm = (f" = {' x '.join(f'{r * s:g}' for r, s in zip(roi, spacing))} mm at the collection's spacing "
           f"{' x '.join(f'{s:g}' for s in spacing)} mm" if spacing else "")
     fit = ",".join(str(max(patch, min(r, m) // patch * patch)) for r, m in zip(roi, largest))
-    raise ConfigError(f"{name}: the ROI model.input_size {roi} voxels{mm} is larger than every volume of split "
-                      f"{split!r} along axis {', '.join(map(str, too_big))} (largest {tuple(largest)} voxels); "
+    raise ConfigError(f"{name}: the ROI model.input_size {roi} voxels{mm} is mostly padding: the largest volume of "
+                      f"split {split!r} is {tuple(largest)} voxels (smaller along axis "
+                      f"{', '.join(map(str, too_big))}), so at most {data_share:.0%} of a crop holds data; "
                       f"use a smaller ROI, e.g. --config.model.input_size='({fit})', "
                       f"or rebuild with a finer --spacing")
 
