@@ -194,3 +194,45 @@ def echo(*parts):
     """Print and flush (cell output order stays right when commands print too)."""
     print(*parts)
     sys.stdout.flush()
+
+
+def segmentation_table(results: Mapping[str, str], digits: int = 3) -> list[dict]:
+    """Per-class Dice and HD95 (mm) of several ``medmae-jax evaluate --output`` files side by side (printed).
+
+    Classes with no value in any result (absent from label and prediction) are left out and counted.
+    """
+    loaded = {name: json.loads(Path(path).read_text()) for name, path in results.items()}
+    classes = next(iter(loaded.values()))["classes"]
+    rows = []
+    for cls in [*classes, "mean"]:
+        row = {"class": cls}
+        for name, res in loaded.items():
+            if cls == "mean":
+                row[f"Dice {name}"] = res["summary"].get("mean_dice")
+                row[f"HD95 mm {name}"] = res["summary"].get("mean_hd95_mm")
+            else:
+                per = res["per_class"].get(cls, {}) if isinstance(res.get("per_class"), dict) else {}
+                row[f"Dice {name}"] = per.get("dice")
+                row[f"HD95 mm {name}"] = per.get("hd95_mm")
+        rows.append(row)
+    shown = [r for r in rows if any(v is not None for k, v in r.items() if k != "class")]
+    table(shown, digits=digits)
+    if len(shown) < len(rows):
+        print(f"({len(rows) - len(shown)} classes absent from the evaluated cases: no Dice or HD95 to report)")
+    return shown
+
+
+def nifti_geometry(**files) -> list[dict]:
+    """Shape, voxel size, orientation and affine origin of NIfTI files (name -> path), printed as a table."""
+    import nibabel as nib
+
+    rows = []
+    for name, path in files.items():
+        img = nib.load(str(path))
+        rows.append({"file": name, "shape": tuple(int(s) for s in img.shape),
+                     "spacing mm": tuple(round(float(z), 3) for z in img.header.get_zooms()[:3]),
+                     "orientation": "".join(nib.aff2axcodes(img.affine)),
+                     "origin mm": tuple(round(float(v), 1) for v in img.affine[:3, 3]),
+                     "dtype": str(img.get_data_dtype())})
+    table(rows)
+    return rows

@@ -86,6 +86,8 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     t0 = time.time()
     client.execute()  # raises CellExecutionError naming the cell on any error
     wall = time.time() - t0
+    if os.environ.get("MEDMAE_NOTEBOOK_OUT"):  # keep the executed copy to look at
+        nbformat.write(nb, str(Path(os.environ["MEDMAE_NOTEBOOK_OUT"]) / path.name))
     assert wall < CELL_TIMEOUT_S, f"{path.name} took {wall:.0f} s"
     tagged = 0
     for i, cell in enumerate(nb.cells):

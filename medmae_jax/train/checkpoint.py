@@ -17,9 +17,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from medmae_jax import paths
+from medmae_jax.console import quiet_library_logs
 from medmae_jax.errors import ConfigError
 
 STATE, META = "state", "meta"
+quiet_library_logs()  # orbax warns "Metadata file does not exist" on every params-only restore
 
 
 def manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:

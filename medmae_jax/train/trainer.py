@@ -200,10 +200,24 @@ class Trainer:
                 "config": json.loads(self.config.to_json_best_effort())}
 
     def run(self) -> TrainResult:
+        """Train; a run that fails before its first save leaves no empty ``checkpoints/`` behind."""
+        paths.resolve(self.workdir).mkdir(parents=True, exist_ok=True)
+        directory = paths.resolve(self.workdir) / "checkpoints"
+        existed = directory.is_dir()
+        mngr = ckpt_lib.manager(str(directory), keep=self.config.checkpoint.keep,
+                                async_save=self.config.checkpoint.async_save)
+        try:
+            return self._run(mngr)
+        except BaseException:
+            try:
+                mngr.close()
+            finally:
+                if not existed and jax.process_index() == 0 and directory.is_dir() and not any(directory.iterdir()):
+                    directory.rmdir()
+            raise
+
+    def _run(self, mngr) -> TrainResult:
         config, workdir = self.config, self.workdir
-        paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
-        mngr = ckpt_lib.manager(paths.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
         latest = mngr.latest_step()
         if latest is not None:
             abstract = ckpt_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
