@@ -19,6 +19,7 @@ def run(args, overrides) -> int:
     from medmae_jax.train.trainer import train_and_evaluate
     result = train_and_evaluate(load(args, overrides), args.workdir)
     print(json.dumps({"step": result.last_step, "total_steps": result.total_steps, "preempted": result.preempted,
-                      "eval": result.eval_metrics, "wall_seconds": round(result.wall_seconds, 1)}))
+                      "eval": result.eval_metrics, "wall_seconds": round(result.wall_seconds, 1),
+                      "first_positions": result.first_positions}))
     print_wrote(run_outputs(args.workdir))
     return 143 if result.preempted else 0  # 128 + SIGTERM: interrupted, resumable

@@ -24,8 +24,12 @@ def _dataset_label(config) -> str:
 
 
 def check_mesh(config, num_devices: int) -> None:
-    """The global batch must split evenly over the devices of the mesh."""
-    if int(config.batch_size) % int(num_devices):
+    """The global batch must split evenly over the devices of the mesh (segmentation: its rows, volumes x crops,
+    since the crops are split over the mesh with the batch)."""
+    crops = 1
+    if config.get("task") == "segmentation" and config.get("segmentation") is not None:
+        crops = int(config.segmentation.get("crops_per_volume", 1))
+    if (int(config.batch_size) * crops) % int(num_devices):
         raise ConfigError(f"batch_size {config.batch_size} does not divide over {num_devices} devices of the mesh; "
                           f"use a multiple of {num_devices} (--config.batch_size=...)")
 

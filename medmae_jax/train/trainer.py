@@ -56,6 +56,8 @@ class TrainResult:
     wall_seconds: float
     preempted: bool = False
     eval_metrics: Optional[dict] = None
+    # Data positions [start, stop) this process loaded for its first step (its share of the global batch).
+    first_positions: Optional[tuple[int, int]] = None
 
 
 class _StopFlag:
@@ -289,7 +291,8 @@ class Trainer:
             progress.close()
         return TrainResult(state=state, task=self.task, losses=losses, first_step=start,
                            last_step=int(jax.device_get(state.step)), total_steps=self.total_steps,
-                           wall_seconds=time.time() - t0, preempted=preempted, eval_metrics=eval_metrics)
+                           wall_seconds=time.time() - t0, preempted=preempted, eval_metrics=eval_metrics,
+                           first_positions=None if loader is None else _span(loader.positions(start)))
 
     def _check(self, pending, mngr, losses, window):
         step, metrics = pending
@@ -339,6 +342,10 @@ class Trainer:
         finally:
             mngr.wait_until_finished()
             mngr.close()
+
+
+def _span(positions: range) -> tuple[int, int]:
+    return (int(positions.start), int(positions.stop)) if len(positions) else (0, 0)
 
 
 def _mean(window: list[dict]) -> dict:
