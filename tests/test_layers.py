@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tasks",),
     ("train",),
     ("benchmark", "experiments", "cli", "demo"),
-    ("main",),
+    ("main", "notebook"),
 )
 
 

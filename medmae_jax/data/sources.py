@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from medmae_jax.console import quiet_library_logs
 from medmae_jax.data.datasets import synthetic
 from medmae_jax.errors import ConfigError
+
+quiet_library_logs()  # TFDS image features log an "OpenCV is not installed" advice on first decode
 
 SYNTHETIC = ("synthetic2d", "synthetic3d")
 

@@ -137,3 +137,12 @@ def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean squared error per patch, averaged over the masked patches only."""
     per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
     return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def trivial_loss(target: jax.Array, mask: jax.Array) -> jax.Array:
+    """``mae_loss`` of the trivial predictor that outputs each masked patch's own mean: the bar a model must beat.
+
+    With norm-pix targets that is predicting zeros (loss = mean of var / (var + eps) over the masked patches, ~1
+    on textured patches, ~0 on flat ones); with raw targets, the mean over masked patches of each patch's variance.
+    """
+    return mae_loss(jnp.broadcast_to(target.mean(axis=-1, keepdims=True), target.shape), target, mask)

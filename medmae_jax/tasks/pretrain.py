@@ -47,18 +47,30 @@ class PretrainTask(base.Task):
         loss = mae_lib.mae_loss(pred, target, masking.mask)
         return loss, {"loss": loss}
 
+    def losses_and_trivial(self, params: Any, images: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(MAE loss, loss of the trivial patch-mean predictor) on the same masked patches (see mae.trivial_loss)."""
+        pred, masking, x = self.reconstruct(params, images, rng, False)
+        target = mae_lib.patch_targets(x, self.patch_size, self.config.model.norm_pix_loss)
+        return mae_lib.mae_loss(pred, target, masking.mask), mae_lib.trivial_loss(target, masking.mask)
+
     def evaluate(self, params: Any, mesh, step: int) -> dict:
-        """Mean MAE loss on the evaluation split with fixed masks (the same every evaluation)."""
+        """Mean MAE loss on the evaluation split with fixed masks (the same every evaluation), beside the loss of
+        predicting each masked patch's mean (``eval_trivial_loss``) and their ratio: below 1 is learning."""
         source = self.source(self.config.data.eval_split)
         transform = augment.eval_transform(self.config)
-        loss_fn = jax.jit(lambda p, images, key: self.loss(p, {"image": images}, key, False)[0])
-        total, count = 0.0, 0
+        loss_fn = jax.jit(self.losses_and_trivial)
+        total, trivial, count = 0.0, 0.0, 0
         for i, (batch, real) in enumerate(evaluation_batches(source, self.config.batch_size, transform, limit=256)):
-            # Padded examples repeat a real one; the per-batch loss is weighted by the real count.
-            loss = float(loss_fn(params, jnp.asarray(batch["image"][:real]), jax.random.key(i)))
-            total += loss * real
+            # Padded examples repeat a real one; the per-batch losses are weighted by the real count.
+            loss, base = jax.device_get(loss_fn(params, jnp.asarray(batch["image"][:real]), jax.random.key(i)))
+            total += float(loss) * real
+            trivial += float(base) * real
             count += real
-        return {"eval_loss": total / max(count, 1)}
+        loss, trivial = total / max(count, 1), trivial / max(count, 1)
+        out = {"eval_loss": loss, "eval_trivial_loss": trivial}
+        if trivial > 0:  # all-flat masked patches (trivial 0) have no meaningful ratio
+            out["eval_loss_over_trivial"] = loss / trivial
+        return out
 
     def summary_images(self, params: Any, mesh, step: int) -> dict:
         """Original / masked / reconstruction of the first evaluation examples (4 in 2-D, 2 in 3-D), same masks

@@ -17,15 +17,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from medmae_jax.console import quiet_library_logs
 from medmae_jax.errors import ConfigError
 
 STATE, META = "state", "meta"
+quiet_library_logs()  # orbax warns "Metadata file does not exist" on every params-only restore
 
 
 def manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=(STATE, META))
+    return ocp.CheckpointManager(absolute(directory), options=options, item_names=(STATE, META))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
@@ -44,9 +46,15 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
     return out[STATE], dict(out[META])
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (orbax reads only absolute paths); remote paths (``gs://...``) unchanged."""
+    path = os.fspath(path)
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def find_checkpoint(path: str) -> tuple[str, int]:
-    """(checkpoints directory, step) from a workdir, its ``checkpoints`` dir or one step dir (latest step)."""
-    p = epath.Path(path)
+    """(absolute checkpoints directory, step) from a workdir, its ``checkpoints`` dir or one step dir (latest step)."""
+    p = epath.Path(absolute(path))
     candidates = [p / "checkpoints", p]
     for directory in candidates:
         if directory.is_dir():

@@ -201,10 +201,24 @@ class Trainer:
                 "config": json.loads(self.config.to_json_best_effort())}
 
     def run(self) -> TrainResult:
+        """Train; a run that fails before its first save leaves no empty ``checkpoints/`` behind."""
+        os.makedirs(self.workdir, exist_ok=True)
+        directory = os.path.join(self.workdir, "checkpoints")
+        existed = os.path.isdir(directory)
+        mngr = ckpt_lib.manager(directory, keep=self.config.checkpoint.keep,
+                                async_save=self.config.checkpoint.async_save)
+        try:
+            return self._run(mngr)
+        except BaseException:
+            try:
+                mngr.close()
+            finally:
+                if not existed and jax.process_index() == 0 and os.path.isdir(directory) and not os.listdir(directory):
+                    os.rmdir(directory)
+            raise
+
+    def _run(self, mngr) -> TrainResult:
         config, workdir = self.config, self.workdir
-        os.makedirs(workdir, exist_ok=True)
-        mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
         latest = mngr.latest_step()
         if latest is not None:
             abstract = ckpt_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
