@@ -75,6 +75,7 @@ def test_mae_with_scanned_encoder_and_decoder_loads_unrolled_parameters():
     np.testing.assert_allclose(pred_s, pred_u, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_unetr_with_scanned_encoder_matches_unrolled():
     enc = dict(patch_size=16, width=32, depth=4, num_heads=2, mlp_dim=64)
     x = jax.random.normal(jax.random.key(1), (1, 32, 32, 32, 1))
