@@ -22,9 +22,12 @@ import ml_collections
 import numpy as np
 
 from medmae_jax.data.augment import eval_transform
+from medmae_jax.data.datasets.chestxray14 import TEST_LIST, TRAIN_VAL_LIST
+from medmae_jax.data.labels import CXR14_LABELS
 from medmae_jax.data.pipeline import evaluation_batches
 from medmae_jax.errors import MedMAEError
 from medmae_jax.main import main
+from medmae_jax.tasks.classification import ClassificationTask
 from medmae_jax.tasks.pretrain import PretrainTask
 from medmae_jax.train.checkpoint import find_checkpoint, restore_params
 from medmae_jax.visualize import save_reconstruction_figure
@@ -66,11 +69,13 @@ def runtime() -> dict:
 
 
 def _last_json(text: str):
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if line.startswith("{") or line.startswith("["):
+    """The last JSON value printed on its own lines (one line, or indented over several)."""
+    lines = text.splitlines()
+    decoder = json.JSONDecoder()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].lstrip().startswith(("{", "[")):
             try:
-                return json.loads(line)
+                return decoder.raw_decode("\n".join(lines[i:]).strip())[0]
             except ValueError:
                 continue
     return None
@@ -235,4 +240,91 @@ def nifti_geometry(**files) -> list[dict]:
                      "origin mm": tuple(round(float(v), 1) for v in img.affine[:3, 3]),
                      "dtype": str(img.get_data_dtype())})
     table(rows)
+    return rows
+
+
+def chestxray14_folder(labels_csv, images_dir, dst, test_every: int = 4) -> Path:
+    """A ChestX-ray14 manual-download folder (``Data_Entry_2017_v2020.csv``, ``train_val_list.txt``,
+    ``test_list.txt``, ``images/``) for a subset of the official release: its label table rows and PNGs (linked).
+
+    Every ``test_every``-th patient goes to the test list, so the split is patient-disjoint as the official one.
+    """
+    import csv
+
+    dst = Path(dst)
+    (dst / "images").mkdir(parents=True, exist_ok=True)
+    with open(labels_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+               "View Position"]
+    missing = [c for c in columns if rows and c not in rows[0]]
+    if missing:
+        raise NotebookError(f"{labels_csv}: no column(s) {', '.join(missing)} of the official label table")
+    for r in rows:
+        src, link = Path(images_dir) / r["Image Index"], dst / "images" / r["Image Index"]
+        if not src.is_file():
+            raise NotebookError(f"{labels_csv}: image {src} listed but not found")
+        if not link.exists():
+            link.symlink_to(src.resolve())
+    with open(dst / "Data_Entry_2017_v2020.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([r[c] for c in columns] for r in rows)
+    test_patients = set(sorted({int(r["Patient ID"]) for r in rows})[::test_every])
+    test = [r["Image Index"] for r in rows if int(r["Patient ID"]) in test_patients]
+    (dst / TEST_LIST).write_text("\n".join(test) + "\n")
+    (dst / TRAIN_VAL_LIST).write_text("\n".join(r["Image Index"] for r in rows if r["Image Index"] not in test) + "\n")
+    print(f"{dst}: {len(rows)} images, {len(rows) - len(test)} train/validation, {len(test)} test "
+          f"({len(test_patients)} patients)")
+    return dst
+
+
+def roc_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) of one label over every score threshold (ties kept together)."""
+    labels, scores = np.asarray(labels, bool), np.asarray(scores, float)
+    order = np.argsort(-scores, kind="stable")
+    labels, scores = labels[order], scores[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+    tp, fp = np.cumsum(labels)[last_of_tie], np.cumsum(~labels)[last_of_tie]
+    return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
+
+
+def area_under(x, y) -> float:
+    """Trapezoid area under a curve (the ROC-AUC for ``roc_points``)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+
+
+def plot_roc(checkpoint, split: str = "test", max_labels: int = 14):
+    """ROC curves of a fine-tuned classifier on ``split``, one line per label with both classes present."""
+    params, meta = restore_params(str(checkpoint))
+    task = ClassificationTask(ml_collections.ConfigDict(meta["config"]))
+    labels, scores, _ = task.predict(params, split)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    drawn = 0
+    for k, name in enumerate(CXR14_LABELS[:labels.shape[1]]):
+        if drawn >= max_labels or len(np.unique(labels[:, k])) < 2:
+            continue
+        fpr, tpr = roc_points(labels[:, k], scores[:, k])
+        ax.plot(fpr, tpr, label=f"{name} ({area_under(fpr, tpr):.2f})")
+        drawn += 1
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"ROC on {split} ({len(labels)} images)")
+    ax.legend(fontsize=7)
+    show_figure(fig)
+
+
+def auc_table(metrics: Mapping) -> list[dict]:
+    """Per-finding ROC-AUC from a classification evaluation record (``auc/NAME`` keys), printed with the mean.
+
+    A finding with one class only among the images has no AUC: it is listed as undefined, not scored.
+    """
+    rows = [{"finding": name, "AUC": metrics.get(f"auc/{name}", "undefined (one class)")} for name in CXR14_LABELS]
+    table(rows)
+    defined = [r["AUC"] for r in rows if not isinstance(r["AUC"], str)]
+    mean = metrics.get("mean_auc")
+    print(f"mean AUC over {len(defined)} findings with both classes: "
+          f"{'undefined' if mean is None else format(float(mean), '.3f')}")
     return rows

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,20 @@ def test_cells_are_short_and_start_with_the_install_cell(path):
     for cell in code:
         lines = "".join(cell["source"]).splitlines()
         assert len(lines) <= 12, f"{path.name}: a cell of {len(lines)} lines; move the logic into the library"
+
+
+def test_roc_points_match_scikit_learn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    from medmae_jax.notebook import area_under, roc_points
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(200) < 0.3
+    scores = np.round(rng.random(200) + 0.3 * labels, 1)  # many ties
+    fpr, tpr = roc_points(labels, scores)
+    ref_fpr, ref_tpr, _ = metrics.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr)
+    np.testing.assert_allclose(tpr, ref_tpr)
+    assert area_under(fpr, tpr) == pytest.approx(metrics.roc_auc_score(labels, scores), abs=1e-12)
 
 
 def _text_outputs(cell) -> str:
