@@ -9,7 +9,6 @@ fine-tuning initialisation and evaluation.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from medmae_jax import paths
 from medmae_jax.console import quiet_library_logs
 from medmae_jax.errors import ConfigError
 
@@ -27,7 +27,8 @@ quiet_library_logs()  # orbax warns "Metadata file does not exist" on every para
 def manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(absolute(directory), options=options, item_names=(STATE, META))
+    # Local paths made absolute; gs:// and other schemes kept as written (never a local "gs:" folder).
+    return ocp.CheckpointManager(paths.resolve(directory), options=options, item_names=(STATE, META))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
@@ -48,13 +49,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
 
 def absolute(path: str) -> str:
     """A local path made absolute (orbax reads only absolute paths); remote paths (``gs://...``) unchanged."""
-    path = os.fspath(path)
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    return str(paths.resolve(path))
 
 
 def find_checkpoint(path: str) -> tuple[str, int]:
     """(absolute checkpoints directory, step) from a workdir, its ``checkpoints`` dir or one step dir (latest step)."""
-    p = epath.Path(absolute(path))
+    p = paths.resolve(path)
     candidates = [p / "checkpoints", p]
     for directory in candidates:
         if directory.is_dir():
