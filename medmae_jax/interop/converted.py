@@ -16,9 +16,11 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
+from medmae_jax import checkpoint_files as ckpt_lib
 from medmae_jax import config_base
 from medmae_jax.errors import ConversionError
 from medmae_jax.interop.report import ConversionReport
+from medmae_jax.models.builders import encoder_kwargs
 
 MODEL_JSON = "model.json"
 
@@ -68,8 +70,6 @@ def training_config(model_config: Mapping):
 def save_converted(out_dir: str, params: Any, model_config: Mapping, report: Optional[ConversionReport],
                    source: str) -> str:
     """Write params as ``out_dir/checkpoints/0`` plus ``model.json``; returns the checkpoint directory."""
-    from medmae_jax.train import checkpoint as ckpt_lib
-
     os.makedirs(out_dir, exist_ok=True)
     mngr = ckpt_lib.manager(os.path.join(out_dir, "checkpoints"), keep=1, async_save=False)
     try:
@@ -110,8 +110,6 @@ def model_config_for_checkpoint(path: str, meta: Mapping) -> dict:
 
 def model_config_from_training(train: Mapping) -> dict:
     """Conversion model description of a model trained here (MAE pre-training or classification)."""
-    from medmae_jax.tasks.model_builders import encoder_kwargs
-
     m = train["model"]
     enc = encoder_kwargs(m)
     patch = tuple(enc["patch_size"])

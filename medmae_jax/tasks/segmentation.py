@@ -57,13 +57,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medmae_jax.checkpoint_files import restore_params
 from medmae_jax.data import transforms
 from medmae_jax.data.labels import label_to_regions, region_definition, regions_to_label
 from medmae_jax.errors import ConfigError
+from medmae_jax.models.builders import dtype as dtype_of
+from medmae_jax.models.builders import encoder_kwargs
 from medmae_jax.models.unetr import MONAI_SKIP_LAYERS, UNETR
 from medmae_jax.tasks import base
-from medmae_jax.tasks.model_builders import dtype as dtype_of
-from medmae_jax.tasks.model_builders import encoder_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +365,6 @@ class SegmentationTask(base.Task):
         path = self.config.get("init_checkpoint", "")
         if not path:
             raise ConfigError("init=mae needs init_checkpoint= (a pre-training workdir or checkpoint directory)")
-        from medmae_jax.train.checkpoint import restore_params
         source, meta = restore_params(path)
         new_params, report = init_from_mae(params, source, path)
         self.init_report = report
