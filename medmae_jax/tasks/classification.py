@@ -27,7 +27,7 @@ from medmae_jax.checkpoint_files import config_from_checkpoint, find_checkpoint,
 from medmae_jax.data import augment_2d
 from medmae_jax.data.labels import CXR14_LABELS
 from medmae_jax.data.pipeline import evaluation_batches
-from medmae_jax.errors import ConfigError, ConversionError
+from medmae_jax.errors import ConfigError, ConversionError, EncoderMismatchError
 from medmae_jax.evaluate.metrics import AUCResult, roc_auc_per_class
 from medmae_jax.models.builders import dtype, encoder_kwargs, model_input
 from medmae_jax.models.classifier import ViTClassifier
@@ -134,7 +134,7 @@ class ClassificationTask(base.Task):
         host = jax.device_get(params)
         new_encoder, report = _encoder_from(host["encoder"], source, self.grid, path)
         if self.cls.init_strict and (report.missing or report.unused):
-            raise ConversionError(f"{path}: the checkpoint's encoder does not fit the model "
+            raise EncoderMismatchError(f"{path}: the checkpoint's encoder does not fit the model "
                                   f"(set classification.init_strict=False to load it partially)\n{report}")
         log.info("init=%s from %s:\n%s", init, path, report)
         self.init_report = report
@@ -269,7 +269,7 @@ def _encoder_from(target_encoder: Mapping, source: Mapping, grid, path: str):
     try:
         return encoder_init_from_mae(target_encoder, source, drop_cls=False, target_grid=grid)
     except ConversionError as err:
-        raise ConversionError(f"{path}: {err}") from err
+        raise EncoderMismatchError(f"{path}: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------------------------

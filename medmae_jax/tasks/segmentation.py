@@ -60,7 +60,7 @@ import numpy as np
 from medmae_jax.checkpoint_files import restore_params
 from medmae_jax.data import transforms
 from medmae_jax.data.labels import label_to_regions, region_definition, regions_to_label
-from medmae_jax.errors import ConfigError
+from medmae_jax.errors import ConfigError, EncoderMismatchError
 from medmae_jax.models.builders import dtype as dtype_of
 from medmae_jax.models.builders import encoder_kwargs
 from medmae_jax.models.unetr import MONAI_SKIP_LAYERS, UNETR
@@ -487,7 +487,7 @@ class SegmentationTask(base.Task):
 def init_from_mae(params: Mapping, source: Mapping, where: str = "checkpoint") -> tuple[dict, Any]:
     """UNETR params with ``vit`` replaced by the MAE encoder in ``source`` (an MAE's params ``{encoder, decoder}``,
     a bare ViT encoder, or another model's params with a ``vit`` subtree). Every encoder parameter must be filled
-    and every MAE encoder parameter used (else a ConfigError naming ``where`` and the keys)."""
+    and every MAE encoder parameter used (else an EncoderMismatchError naming ``where`` and the keys)."""
     from medmae_jax.interop.finetune_init import encoder_init_from_mae
     if "vit" not in params:
         raise ConfigError("UNETR params have no 'vit' subtree")
@@ -496,8 +496,8 @@ def init_from_mae(params: Mapping, source: Mapping, where: str = "checkpoint") -
         src = {"encoder": src["vit"]}
     vit, report = encoder_init_from_mae(params["vit"], src)
     if report.missing or report.unused:
-        raise ConfigError(f"{where}: the MAE encoder does not match the UNETR encoder of this config (same width, "
-                          f"depth, heads, patch, qkv_bias and channels are needed):\n{report}")
+        raise EncoderMismatchError(f"{where}: the MAE encoder does not match the UNETR encoder of this config "
+                                   f"(same width, depth, heads, patch, qkv_bias and channels are needed):\n{report}")
     out = dict(params)
     out["vit"] = jax.tree.map(np.asarray, vit)
     return out, report
