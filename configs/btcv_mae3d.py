@@ -23,8 +23,9 @@ def get_config(arg=None):
     c.optimizer.base_lr, c.optimizer.warmup_epochs = 1.5e-4 * 256 / 6, 100.0  # effective lr 1.5e-4 at batch 6
     c.optimizer.b1, c.optimizer.b2, c.optimizer.weight_decay = 0.9, 0.95, 0.05
     if args.quick:
-        config_base.shrink(c)
-        c.data.volume_size, c.model.input_size, c.model.patch_size = (40, 40, 40), (32, 32, 32), 8
+        config_base.shrink_pretrain(c)           # tiny ViT, 30 steps at lr 2e-3
+        # patch 16 on a 2x2x2 grid, as configs/btcv_unetr.py:quick, so init=mae chains on this run's workdir
+        c.data.volume_size, c.model.input_size, c.model.patch_size = (40, 40, 40), (32, 32, 32), 16
         c.data.num_train, c.data.num_eval = 8, 2
         c.batch_size = 2
     return c

@@ -25,7 +25,7 @@ def get_config(arg=None):
     c.optimizer.base_lr, c.optimizer.warmup_epochs = 1.5e-4, 40.0
     c.optimizer.b1, c.optimizer.b2, c.optimizer.weight_decay = 0.9, 0.95, 0.05
     if args.quick:
-        config_base.shrink(c)
+        config_base.shrink_pretrain(c)         # tiny ViT, 30 steps at lr 2e-3
         c.data.image_size, c.model.input_size, c.model.patch_size = (40, 40), (32, 32), 8
         c.data.num_train, c.data.num_eval = 32, 8
     return c

@@ -8,7 +8,6 @@ checkpoint, for fine-tuning initialisation, evaluation and conversion; it needs 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -17,15 +16,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from medmae_jax import paths
+from medmae_jax.console import quiet_library_logs
 from medmae_jax.errors import ConfigError
 
 STATE, META = "state", "meta"
+quiet_library_logs()  # orbax warns "Metadata file does not exist" on every params-only restore
 
 
 def manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(absolute(directory), options=options, item_names=(STATE, META))
+    # Local paths made absolute; gs:// and other schemes kept as written (never a local "gs:" folder).
+    return ocp.CheckpointManager(paths.resolve(directory), options=options, item_names=(STATE, META))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
@@ -35,13 +38,12 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, forc
 
 def absolute(path: str) -> str:
     """A local path made absolute (orbax reads only absolute paths); remote paths (``gs://...``) unchanged."""
-    path = os.fspath(path)
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    return str(paths.resolve(path))
 
 
 def find_checkpoint(path: str) -> tuple[str, int]:
     """(absolute checkpoints directory, step) from a workdir, its ``checkpoints`` dir or one step dir (latest step)."""
-    p = epath.Path(absolute(path))
+    p = paths.resolve(path)
     candidates = [p / "checkpoints", p]
     for directory in candidates:
         if directory.is_dir():
@@ -79,11 +81,9 @@ def config_from_checkpoint(path: str, hint: str = "pass --config"):
     directory, step = find_checkpoint(path)
     config = read_meta(directory, step).get("config")
     if not config:
-        for candidate in (os.path.join(os.path.dirname(os.path.abspath(directory)), "config.json"),
-                          os.path.join(absolute(path), "config.json")):
-            if os.path.isfile(candidate):
-                with open(candidate) as f:
-                    config = json.load(f)
+        for candidate in (paths.resolve(directory).parent / "config.json", paths.resolve(path) / "config.json"):
+            if candidate.is_file():
+                config = json.loads(candidate.read_text())
                 break
     if not config:
         raise ConfigError(f"{path}: no config saved with this checkpoint" + (f"; {hint}" if hint else ""))

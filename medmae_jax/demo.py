@@ -2,7 +2,9 @@
 
 Writes, under ``workdir``: ``2d/`` and ``3d/`` run directories (checkpoints,
 metrics.jsonl, TensorBoard), ``summary.json`` (loss over the first and last 10
-steps, steps, wall seconds) and ``reconstructions_{2d,3d}.png``.
+steps, final eval loss beside the trivial predictor's ``trivial_loss`` -- each
+masked patch predicted by its own mean, see models/mae.trivial_loss -- steps,
+wall seconds) and ``reconstructions_{2d,3d}.png``.
 """
 
 from __future__ import annotations
@@ -83,13 +85,17 @@ def run_demo(workdir: str, quick: bool = False) -> dict:
         first, last = float(np.mean(losses[:n])), float(np.mean(losses[-n:]))
         figure = os.path.join(workdir, f"reconstructions_{kind}.png")
         _figure(result, config, figure, f"synthetic {kind.upper()} MAE, step {result.last_step}")
+        metrics = result.eval_metrics or {}
+        eval_loss, trivial = metrics.get("eval_loss"), metrics.get("eval_trivial_loss")
+        ratio = eval_loss / trivial if eval_loss is not None and trivial else None
         summary[kind] = {"steps": result.last_step, "steps_this_run": len(losses), "first10_loss": first,
                          "last10_loss": last, "ratio_last_first": last / first,
-                         "eval_loss": (result.eval_metrics or {}).get("eval_loss"),
+                         "eval_loss": eval_loss, "trivial_loss": trivial, "eval_over_trivial": ratio,
                          "wall_seconds": round(wall, 1), "figure": figure,
                          "model": f"ViT width {config.model.width} depth {config.model.depth} patch "
                                   f"{config.model.patch_size}, input {tuple(config.model.input_size)}"}
-        print(f"[demo {kind}] loss {first:.4f} -> {last:.4f} (x{last / first:.2f}) over {len(losses)} steps, "
+        judged = "" if ratio is None else f"; eval {eval_loss:.4f} = {ratio:.2f} x the trivial patch-mean {trivial:.4f}"
+        print(f"[demo {kind}] loss {first:.4f} -> {last:.4f} (x{last / first:.2f}) over {len(losses)} steps{judged}, "
               f"{wall:.0f} s; figure {figure}", flush=True)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

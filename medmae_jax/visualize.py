@@ -3,7 +3,9 @@
 Predictions of a norm-pix model are mapped back to intensities with each
 patch's own mean and variance (as the official MAE visualisation does), and
 the visible patches are pasted from the input, so the figure shows what the
-model inferred for the hidden ones.
+model inferred for the hidden ones. As that restoration borrows the true
+patch mean (the trivial predictor's whole answer), a norm-pix figure adds a row
+with the raw prediction of the hidden patches: the texture the model itself drew.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def reconstruction_views(images: np.ndarray, pred: np.ndarray, mask: np.ndarray,
 
 def save_reconstruction_figure(path: str, images, pred, mask, patch_size: Sequence[int], norm_pix: bool,
                                title: str = "", max_examples: int = 4) -> str:
-    """Writes a PNG with rows original / masked / reconstruction; 3-D inputs as three central slices."""
+    """Writes a PNG with rows original / masked / reconstruction (and, with ``norm_pix``, the raw prediction of
+    the hidden patches); 3-D inputs as three central slices."""
     images = np.asarray(images)[:max_examples]
     pred, mask = np.asarray(pred)[:max_examples], np.asarray(mask)[:max_examples]
     original, masked, recon = reconstruction_views(images, pred, mask, patch_size, norm_pix)
@@ -46,12 +49,20 @@ def save_reconstruction_figure(path: str, images, pred, mask, patch_size: Sequen
     mask_pixels = np.asarray(unpatchify(np.repeat(mask[..., None], int(np.prod(patch_size)) * channels, -1),
                                         patch_size, spatial, channels))
     vmin, vmax = float(np.percentile(original, 0.5)), float(np.percentile(original, 99.5))
-    rows = [("original", original), ("masked input", masked), ("reconstruction", recon)]
+    rows = [("original", original), ("masked input", masked),
+            ("reconstruction\n(true patch mean/std)" if norm_pix else "reconstruction", recon)]
+    ranges = {}
+    if norm_pix:  # the prediction itself, in normalised units, hidden patches only (visible ones drawn blue)
+        raw = np.asarray(unpatchify(pred * mask[..., None], patch_size, spatial, channels), np.float32)
+        rows.append(("raw prediction\n(norm-pix units)", raw))
+        bound = float(np.percentile(np.abs(raw[mask_pixels > 0.5]), 99.5)) if mask.any() else 1.0
+        ranges[len(rows) - 1] = (-max(bound, 1e-6), max(bound, 1e-6))
     if len(spatial) == 2:
         columns = [(i, None) for i in range(len(images))]
     else:
         columns = [(i, axis) for i in range(min(len(images), 2)) for axis in range(3)]
-    fig, axes = plt.subplots(3, len(columns), figsize=(2.2 * len(columns), 6.8), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.27 * len(rows)),
+                             squeeze=False)
     cmap = plt.get_cmap("gray").with_extremes(bad="#3a5f8f")  # hidden patches drawn in blue
     for r, (name, volume) in enumerate(rows):
         for c, (i, axis) in enumerate(columns):
@@ -60,8 +71,14 @@ def save_reconstruction_figure(path: str, images, pred, mask, patch_size: Sequen
                 centre = img.shape[axis] // 2
                 img, hidden = np.take(img, centre, axis), np.take(hidden, centre, axis)
             ax = axes[r, c]
-            shown = np.ma.masked_where(hidden > 0.5, img) if name == "masked input" else img
-            ax.imshow(shown, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            if name == "masked input":
+                shown = np.ma.masked_where(hidden > 0.5, img)
+            elif r in ranges:
+                shown = np.ma.masked_where(hidden < 0.5, img)
+            else:
+                shown = img
+            low, high = ranges.get(r, (vmin, vmax))
+            ax.imshow(shown, cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:

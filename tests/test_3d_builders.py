@@ -177,3 +177,17 @@ def test_btcv_unpaired_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="RawData/Training"):
         btcv.build_btcv(tmp_path / "empty", tmp_path / "out")
+
+
+@pytest.mark.parametrize("split,missing,key", [("monai", "validation", "eval_split"),
+                                               ("selfmedmae", "train", "train_split")])
+def test_btcv_with_too_few_cases_stops_before_the_first_step(btcv_dir, tmp_path, capsys, split, missing, key):
+    """Two BTCV cases leave one split of each fixed case list empty: training names it before any step runs."""
+    from medmae_jax.main import main
+    workdir = tmp_path / "run"
+    code = main(["train", "--config", f"btcv_unetr:quick,split={split}", "--workdir", str(workdir),
+                 f"--config.data.data_dir={btcv_dir}", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1, err
+    assert f"btcv/{split} in {btcv_dir}: split '{missing}' (data.{key}) cannot be opened" in err[0]
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()

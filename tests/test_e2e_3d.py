@@ -26,7 +26,7 @@ EXAMPLE_4D = DATA / "mri" / "nibabel" / "example4d.nii.gz"
 pytestmark = [pytest.mark.skipif(not DATA.is_dir(), reason="shared/data not present"), pytest.mark.slow]
 
 # Every run: tiny quick models, one step, limits that keep the sliding windows to a few dozen.
-MAE_STEPS = ["--config.model.patch_size=16", "--config.num_train_steps=1", "--config.checkpoint.async_save=false",
+MAE_STEPS = ["--config.num_train_steps=1", "--config.checkpoint.async_save=false",
              "--config.data.loader_threads=2"]
 FT_STEPS = ["--config.num_train_steps=1", "--config.checkpoint.async_save=false", "--config.batch_size=1",
             "--config.data.loader_threads=2"]

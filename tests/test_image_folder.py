@@ -51,3 +51,17 @@ def test_csv_naming_a_missing_image(cxr, tmp_path):
     with pytest.raises(DataError, match=r"labels.csv: line 2: image '00000001_000.png' not found"):
         image_folder.build_image_folder(str(cxr / "images"), str(tmp_path / "d"), "xr",
                                         labels_csv=str(cxr / "labels.csv"))
+
+
+def test_rebuild_with_another_image_size_needs_overwrite(shared_data, tmp_path):
+    src = tmp_path / "few"
+    src.mkdir()
+    for p in sorted((shared_data / "cxr" / "nih_fullres" / "images").glob("*.png"))[:4]:
+        shutil.copy(p, src / p.name)
+    image_folder.build_image_folder(str(src), str(tmp_path / "d"), "few", image_size=16)
+    image_folder.build_image_folder(str(src), str(tmp_path / "d"), "few", image_size=16)  # reused
+    with pytest.raises(DataError, match=r"few: already built differently \(image_size 16 -> 32\); pass --overwrite"):
+        image_folder.build_image_folder(str(src), str(tmp_path / "d"), "few", image_size=32)
+    image_folder.build_image_folder(str(src), str(tmp_path / "d"), "few", image_size=32, overwrite=True)
+    source = tfds.data_source("image_folder", split="pretrain", data_dir=str(tmp_path / "d" / "few"))
+    assert len(source) == 4 and source[0]["image"].shape == (32, 32, 1)

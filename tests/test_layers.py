@@ -14,14 +14,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "medmae_jax"
 #: the longest matching prefix places a module (so ``data.labels`` sits below the rest of ``data``).
 LAYERS: tuple[tuple[str, ...], ...] = (
     # leaves: errors, labels, helpers for configs and the console
-    ("errors", "data.labels", "console", "config_base", "config_loading", "flag_args"),
+    ("errors", "data.labels", "console", "config_base", "config_loading", "flag_args", "paths"),
     ("models", "data", "visualize", "checkpoint_files"),
     ("evaluate", "summaries"),
     ("interop",),
     ("tasks",),
     ("train",),
     ("benchmark", "experiments", "cli", "demo"),
-    ("main",),
+    ("main", "notebook"),
 )
 
 

@@ -55,11 +55,11 @@ def _assert_params_close(a, b, rtol):
 def test_two_processes_match_one_process(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
     cmd = [sys.executable, "-m", "medmae_jax.main", "launch", "--processes", "2", "--devices-per-process", "2", "--",
-           "train", "--config", MAE, "--workdir", str(multi), *QUIET]
+           "train", "--config", MAE, "--workdir", str(multi), *QUIET, "--config.num_train_steps=6"]
     proc = subprocess.run(cmd, cwd=str(REPO), env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[p0] " in proc.stdout and "[p1] " in proc.stdout  # both ran, output prefixed
-    _one_process(single)
+    _one_process(single, "--config.num_train_steps=6")
     a, b = _records(single), _records(multi)
     # Process 0 alone writes: one record per (split, step), as in the 1-process run.
     assert [(r["split"], r["step"]) for r in b] == [(r["split"], r["step"]) for r in a]

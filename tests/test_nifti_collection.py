@@ -171,22 +171,35 @@ def test_plain_folder_is_unlabeled(shared_data, tmp_path):
     assert cs.make_splits(col, cs.SplitRule()) == {"pretrain": ["a__s1", "s2"], "test": []}
 
 
-def test_patient_in_two_folds(collection_dir):
-    _rewrite(collection_dir, training=[
-        {"image": "images/case1.nii.gz", "label": "labels/case1.nii.gz", "patient": "p1", "fold": 0},
-        {"image": "images/case2.nii.gz", "label": "labels/case2.nii.gz", "patient": "p1", "fold": 1}])
-    with pytest.raises(DataError, match=r"training\[1\]: patient 'p1' is in two splits \(training fold 1 and "
-                                        r"training fold 0 via dataset.json training\[0\]\)"):
-        nc.validate(nc.discover(str(collection_dir)))
+
+@pytest.fixture
+def tiny_folds(tmp_path):
+    """Two tiny labeled cases (8x8x8, 2 mm) of one patient, listed with datalist fold keys 0 and 1."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[2:5, 2:5, 2:5] = 1
+    for k in (1, 2):
+        nib.save(nib.Nifti1Image(np.full((8, 8, 8), k, np.float32), affine), str(tmp_path / f"img{k}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(tmp_path / f"seg{k}.nii.gz"))
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "labels": {"0": "background", "1": "lesion"},
+        "training": [{"image": f"img{k}.nii.gz", "label": f"seg{k}.nii.gz", "patient": "p1", "fold": k - 1}
+                     for k in (1, 2)]}))
+    return tmp_path
 
 
-def test_fold_keys_pick_validation(collection_dir):
-    _rewrite(collection_dir, training=[
-        {"image": "images/case1.nii.gz", "label": "labels/case1.nii.gz", "fold": 0},
-        {"image": "images/case2.nii.gz", "label": "labels/case2.nii.gz", "fold": 1}])
-    col = nc.discover(str(collection_dir))
+def test_patient_in_two_folds(tiny_folds):
+    with pytest.raises(DataError, match=r"dataset.json training\[1\]: patient 'p1' is in two splits \(training fold 1 "
+                                        r"and training fold 0 via dataset.json training\[0\]\)"):
+        nc.validate(nc.discover(str(tiny_folds)))
+
+
+def test_fold_keys_pick_validation(tiny_folds):
+    _rewrite(tiny_folds, training=[{k: v for k, v in e.items() if k != "patient"}
+                                   for e in json.loads((tiny_folds / "dataset.json").read_text())["training"]])
+    col = nc.discover(str(tiny_folds))
     assert nc.validate(col) == 1
     splits = cs.make_splits(col, cs.SplitRule(fold=1))
-    assert (splits["train"], splits["validation"]) == (["case1"], ["case2"])
+    assert (splits["train"], splits["validation"]) == (["img1"], ["img2"])
     with pytest.raises(DataError, match=r"split 'validation' is empty after the split rule"):
         cs.make_splits(col, cs.SplitRule(fold=2))

@@ -75,3 +75,26 @@ def test_2d_input_must_fit_the_stored_images(tmp_path):
     with pytest.raises(ConfigError, match=r"mine: model.input_size \(64, 64\) is larger than the stored images "
                                           r"\(32x32, build images --image-size\); rebuild with --image-size 64"):
         preflight.check_collection(c)
+
+
+def _write_info(root, name, **info):
+    (root / name).mkdir()
+    (root / name / "collection.json").write_text(json.dumps({"name": name, **info}))
+
+
+def test_generic_configs_read_counts_and_refuse_unlabeled_collections(tmp_path):
+    from medmae_jax import config_loading
+    _write_info(tmp_path, "mr", num_channels=4, num_classes=3, class_names=["background", "edema", "tumour"])
+    _write_info(tmp_path, "scans", num_channels=1, num_classes=0, class_names=[])
+    _write_info(tmp_path, "xr", num_channels=1, num_classes=0, class_names=[], image_size=64)
+    c = config_loading.config_from_args(f"nifti_unetr:quick,dataset=mr,data_dir={tmp_path}", [])
+    assert (c.model.in_channels, c.segmentation.num_classes, tuple(c.segmentation.class_names)) == (
+        4, 3, ("edema", "tumour"))
+    assert config_loading.config_from_args(f"nifti_mae3d:quick,dataset=mr,data_dir={tmp_path}", []).model.in_channels \
+        == 4
+    with pytest.raises(ConfigError, match=r"scans: the collection has no labeled case \(num_classes 0\); UNETR needs"):
+        config_loading.config_from_args(f"nifti_unetr:quick,dataset=scans,data_dir={tmp_path}", [])
+    with pytest.raises(ConfigError, match=r"xr: no labels were built; rebuild with --labels labels.csv"):
+        config_loading.config_from_args(f"images_finetune:quick,dataset=xr,data_dir={tmp_path}", [])
+    assert config_loading.config_from_args(f"images_mae:quick,dataset=xr,data_dir={tmp_path}", []).data.image_size \
+        == (64, 64)

@@ -150,7 +150,6 @@ def _save_mae_checkpoint(directory, mae_config):
 
 def test_init_from_mae_copies_the_encoder(tmp_path):
     mae_config = load_config(f"{REPO}/configs/btcv_mae3d.py:quick,data=synthetic")
-    mae_config.model.patch_size = 16            # UNETR needs patch 16
     mae_params = _save_mae_checkpoint(tmp_path, mae_config)
     config = load_config(f"{BTCV_QUICK},init=mae,init_checkpoint={tmp_path}")
     task = get_task(config)

@@ -55,8 +55,14 @@ def run(args, overrides) -> int:
             report.ignored += ["decoder/*"]
             params = {"encoder": params["encoder"]}
             model_config = dict(model_config, model="vit")
-        where = converted.save_converted(args.output, params, model_config, report, args.input)
+        segmentation = None
+        if model_config.get("model") == "unetr":
+            from medmae_jax.tasks.segmentation import segmentation_config
+            segmentation = segmentation_config()
+        where = converted.save_converted(args.output, params, model_config, report, args.input, segmentation)
         print(report)
+        for assumption in model_config.get("assumed", []):
+            print(f"assumed: {assumption}")
         print(json.dumps({"checkpoint": where, "layout": model_config.get("layout"), "model": model_config.get("model"),
                           "assumed": model_config.get("assumed", []), "clean": report.clean}))
         return 0

@@ -116,6 +116,7 @@ def run(args, overrides) -> int:
     for p in args.input:
         if not os.path.isfile(p):
             raise DataError(p, "input file not found")
+    nifti.check_output_path(args.output)  # before minutes of inference
     # One bar over the four stages; the sliding window (compile + all windows) is one jitted call.
     with progress_bar(total=len(STAGES), desc="predict", unit="stage") as bar:
         bar.set_postfix_str(STAGES[0], refresh=True)

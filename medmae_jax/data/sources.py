@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
+from etils import epath
+
+from medmae_jax.console import quiet_library_logs
 from medmae_jax.data.datasets import nih1000, synthetic
 from medmae_jax.errors import ConfigError
+
+quiet_library_logs()  # TFDS image features log an "OpenCV is not installed" advice on first decode
 
 SYNTHETIC = ("synthetic2d", "synthetic3d")
 
@@ -38,7 +42,7 @@ def open_tfds(data: Mapping, split: str):
     import tensorflow_datasets as tfds
 
     data_dir = data.get("data_dir") or ""
-    if not data_dir or not os.path.isdir(data_dir):
+    if not data_dir or not epath.Path(data_dir).is_dir():
         raise ConfigError(f"data.data_dir {data_dir!r} does not exist: build the {data['name']} data set first "
                           f"(see README: medmae-jax build ...) or use a synthetic data set")
     name = data.get("tfds_name") or data["name"]

@@ -10,14 +10,13 @@ conversion's model description (layout, encoder/decoder sizes, what was assumed)
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 
 from medmae_jax import checkpoint_files as ckpt_lib
-from medmae_jax import config_base
+from medmae_jax import config_base, paths
 from medmae_jax.errors import ConversionError
 from medmae_jax.interop.report import ConversionReport
 from medmae_jax.models.builders import encoder_kwargs
@@ -37,12 +36,15 @@ def _jsonable(obj):
     return obj
 
 
-def training_config(model_config: Mapping):
-    """A training config (``config_base.base_config`` fields) describing the converted model."""
+def training_config(model_config: Mapping, segmentation=None):
+    """A training config (``config_base.base_config`` fields) describing the converted model.
+
+    A UNETR needs ``segmentation``, the task's ``config.segmentation`` section (defaults), which this fills in.
+    """
     enc = model_config["encoder"]
     c = config_base.base_config()
     kind = model_config.get("model", "vit")
-    c.task = {"mae": "pretrain", "classifier": "classification"}.get(kind, "pretrain")
+    c.task = {"mae": "pretrain", "classifier": "classification", "unetr": "segmentation"}.get(kind, "pretrain")
     patch = tuple(int(p) for p in enc["patch_size"])
     if len(set(patch)) != 1:
         raise ConversionError(f"the training configs use one patch edge for every axis, got {patch}")
@@ -61,45 +63,83 @@ def training_config(model_config: Mapping):
         dec = model_config["decoder"]
         c.model.decoder_width, c.model.decoder_depth = int(dec["width"]), int(dec["depth"])
         c.model.decoder_heads = int(dec["num_heads"])
+    if kind == "unetr":
+        _unetr_sections(c, model_config, segmentation)
     c.data.name = "synthetic2d" if ndim == 2 else "synthetic3d"
     c.data.image_size = tuple(c.model.input_size) if ndim == 2 else c.data.image_size
     c.data.volume_size = tuple(c.model.input_size) if ndim == 3 else c.data.volume_size
     return c
 
 
+def _unetr_sections(c, model_config: Mapping, segmentation) -> None:
+    """``config.model`` / ``config.segmentation`` of a converted MONAI UNETR (the project builds conv embeddings)."""
+    if segmentation is None:
+        raise ConversionError("a UNETR training config needs the segmentation section")
+    enc, unetr = model_config["encoder"], model_config["unetr"]
+    if enc.get("patch_embed", "conv") != "conv":
+        raise ConversionError(f"the training configs build a conv patch embedding, the weights hold a "
+                              f"{enc['patch_embed']} one (use the weights through the library)")
+    c.model.layer_norm_eps = float(enc.get("layer_norm_eps", 1e-5))
+    c.model.qkv_bias = bool(enc.get("qkv_bias", False))
+    segmentation.kind, segmentation.num_classes = "multiclass", int(unetr["out_channels"])
+    segmentation.feature_size = int(unetr["feature_size"])
+    segmentation.res_block, segmentation.conv_block = bool(unetr["res_block"]), bool(unetr["conv_block"])
+    c.segmentation = segmentation
+
+
+def _empty_or_absent(out_dir: str) -> bool:
+    """True when ``out_dir`` is to be created (absent); a ConversionError when it exists and is not empty."""
+    where = paths.resolve(out_dir)
+    if not where.exists():
+        return True
+    if not where.is_dir() or any(where.iterdir()):
+        raise ConversionError(f"{out_dir}: the output must be an empty or new folder")
+    return False
+
+
 def save_converted(out_dir: str, params: Any, model_config: Mapping, report: Optional[ConversionReport],
-                   source: str) -> str:
-    """Write params as ``out_dir/checkpoints/0`` plus ``model.json``; returns the checkpoint directory."""
-    os.makedirs(out_dir, exist_ok=True)
-    mngr = ckpt_lib.manager(os.path.join(out_dir, "checkpoints"), keep=1, async_save=False)
+                   source: str, segmentation=None) -> str:
+    """Write params as ``out_dir/checkpoints/0`` plus ``model.json``; returns the checkpoint directory.
+
+    ``out_dir`` must be new or empty; a failure part way removes what was written (a new folder entirely).
+    ``segmentation``: see :func:`training_config`.
+    """
+    meta = {"step": 0, "seed": 0, "converted_from": str(paths.resolve(source)),
+            "layout": model_config.get("layout"), "model": _jsonable(dict(model_config))}
     try:
-        if mngr.latest_step() is not None:
-            raise ConversionError(f"{out_dir} already holds a checkpoint; choose an empty folder")
-        meta = {"step": 0, "seed": 0, "converted_from": os.path.abspath(source),
-                "layout": model_config.get("layout"), "model": _jsonable(dict(model_config))}
+        meta["config"] = json.loads(training_config(model_config, segmentation).to_json_best_effort())
+    except ConversionError as exc:  # still usable as weights; say why there is no training config
+        meta["config_note"] = str(exc)
+    if report is not None:
+        meta["report"] = {"unused": report.unused, "missing": report.missing, "ignored": report.ignored}
+    state = {"params": jax.tree.map(np.asarray, params)}
+    created = _empty_or_absent(out_dir)
+    try:
+        paths.resolve(out_dir).mkdir(parents=True, exist_ok=True)
+        mngr = ckpt_lib.manager(paths.join(out_dir, "checkpoints"), keep=1, async_save=False)
         try:
-            meta["config"] = json.loads(training_config(model_config).to_json_best_effort())
-        except ConversionError as exc:  # still usable as weights; say why there is no training config
-            meta["config_note"] = str(exc)
-        if report is not None:
-            meta["report"] = {"unused": report.unused, "missing": report.missing, "ignored": report.ignored}
-        state = {"params": jax.tree.map(np.asarray, params)}
-        ckpt_lib.save(mngr, 0, state, meta, force=True)
-        mngr.wait_until_finished()
-    finally:
-        mngr.close()
-    with open(os.path.join(out_dir, MODEL_JSON), "w") as f:
-        json.dump(_jsonable(dict(model_config)), f, indent=2)
-    return os.path.join(out_dir, "checkpoints")
+            ckpt_lib.save(mngr, 0, state, meta, force=True)
+            mngr.wait_until_finished()
+        finally:
+            mngr.close()
+        (paths.resolve(out_dir) / MODEL_JSON).write_text(json.dumps(_jsonable(dict(model_config)), indent=2))
+    except BaseException:
+        where = paths.resolve(out_dir)
+        for child in ([where] if created else list(where.iterdir())) if where.exists() else []:
+            if child.is_dir():
+                child.rmtree(missing_ok=True)
+            else:
+                child.unlink(missing_ok=True)
+        raise
+    return paths.join(out_dir, "checkpoints")
 
 
 def model_config_for_checkpoint(path: str, meta: Mapping) -> dict:
     """The conversion model description of a checkpoint: ``model.json`` if converted, else from its training config."""
-    candidates = [os.path.join(path, MODEL_JSON), os.path.join(os.path.dirname(os.path.abspath(path)), MODEL_JSON)]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            with open(candidate) as f:
-                return json.load(f)
+    where = paths.resolve(path)
+    for candidate in (where / MODEL_JSON, where.parent / MODEL_JSON):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
     if "model" in meta and isinstance(meta["model"], Mapping):
         return dict(meta["model"])
     train = meta.get("config")

@@ -417,3 +417,80 @@ def jax_to_monai_unetr(params: Mapping, *, cross_attn_keys: str = "norm") -> dic
                     if config.qkv_bias:
                         out[f"{k}.cross_attn.{name}.bias"] = np.zeros((w,), dtype)
     return out
+
+
+# --------------------------------------------------------------------------
+# The ``monai-unetr`` layout of the converter: hints in, model description (with assumptions) out.
+# --------------------------------------------------------------------------
+# Hints that shape a MONAI UNETR (the rest of the converter's hints describe MAE/classifier parts).
+UNETR_HINTS = ("num_heads", "grid", "in_channels", "patch_size")
+_FLAG = {"num_heads": "--num-heads", "grid": "--grid", "in_channels": "--in-channels", "patch_size": "--patch-size",
+         "decoder_heads": "--decoder-heads", "layer_norm_eps": "layer_norm_eps", "pooling": "pooling"}
+
+
+def _hinted_config(sd: Mapping[str, np.ndarray], hints: Mapping) -> tuple[MonaiUnetrConfig, list[str]]:
+    """The UNETR settings: weights first, then every given hint (checked or used), then stated assumptions."""
+    unused = sorted(set(hints) - set(UNETR_HINTS))
+    if unused:
+        raise ConversionError(f"{LAYOUT}: {', '.join(_FLAG.get(k, k) for k in unused)} does not apply to a MONAI "
+                              f"UNETR (its hints: {', '.join(_FLAG[k] for k in UNETR_HINTS)})")
+    tokens = int(_need(sd, "vit.patch_embedding.position_embeddings").shape[1])
+    nd = _need(sd, "encoder1.layer.conv1.conv.weight").ndim - 2
+    hidden = int(_need(sd, "vit.norm.weight").shape[0])
+    heads, grid = hints.get("num_heads"), hints.get("grid")
+    missing = []
+    if heads is None and hidden not in _HEADS_BY_WIDTH:
+        missing.append(f"--num-heads (the head count is not stored in the weights and width {hidden} is not a "
+                       "standard ViT width)")
+    side = round(tokens ** (1.0 / nd))
+    if grid is None and side ** nd != tokens:
+        missing.append(f"--grid (patches per axis: {tokens} position embeddings are no {nd}-D cube)")
+    if missing:
+        raise ConversionError(f"{LAYOUT}: pass " + " and ".join(missing))
+    if grid is not None and (len(grid) != nd or math.prod(grid) != tokens):
+        raise ConversionError(f"{LAYOUT}: --grid {tuple(grid)} does not fit the position table ({tokens} patches, "
+                              f"{nd}-D)")
+    img_size = None if grid is None else tuple(int(g) * _PATCH for g in grid)
+    probe = infer_monai_unetr_config(sd, num_heads=1, img_size=img_size)
+    if hints.get("patch_size") is not None and tuple(hints["patch_size"]) not in ((_PATCH,), (_PATCH,) * nd):
+        raise ConversionError(f"{LAYOUT}: --patch-size {tuple(hints['patch_size'])} given, but MONAI's UNETR uses "
+                              f"patch {_PATCH} on every axis")
+    if hints.get("in_channels") is not None and int(hints["in_channels"]) != probe.in_channels:
+        raise ConversionError(f"{LAYOUT}: --in-channels {hints['in_channels']} given, but the weights take "
+                              f"{probe.in_channels} channels (encoder1.layer.conv1.conv.weight)")
+    assumed = []
+    if heads is None:
+        heads = _HEADS_BY_WIDTH[hidden]
+        assumed.append(f"num_heads={heads} (the standard count for width {hidden}; pass --num-heads otherwise)")
+    elif hidden % int(heads):
+        raise ConversionError(f"{LAYOUT}: --num-heads {heads} does not divide the width {hidden}")
+    if grid is None:
+        assumed.append(f"grid={probe.grid} (a {'cube' if nd == 3 else 'square'} of patches from the position "
+                       f"table's {tokens} entries; pass --grid otherwise)")
+    return dataclasses.replace(probe, num_heads=int(heads)), assumed
+
+
+def import_monai_unetr(state_dict: Mapping[str, Any], *, strict: bool = False, config: Optional[Mapping] = None,
+                      **hints) -> tuple[dict, dict, ConversionReport]:
+    """MONAI UNETR state dict -> (params, model description, report) for the converter's ``monai-unetr`` layout.
+
+    Every hint given is used (``num_heads``, ``grid``) or checked against the weights
+    (``in_channels``, ``patch_size``); a hint that does not apply is an error. What the
+    weights cannot tell and no hint said is listed in ``assumed``. ``config`` (a
+    description from an earlier import) fixes the settings instead.
+    """
+    sd = _strip_prefix(state_dict)
+    hints = {k: v for k, v in hints.items() if v is not None}
+    if config is not None and config.get("monai"):
+        monai = dict(config["monai"])
+        monai.pop("spatial_dims", None)
+        cfg, assumed = MonaiUnetrConfig(**dict(monai, img_size=tuple(monai["img_size"]))), list(config["assumed"])
+    else:
+        cfg, assumed = _hinted_config(sd, hints)
+    params, report = monai_unetr_to_jax(sd, strict=strict, config=cfg)
+    kw = cfg.unetr_kwargs()
+    encoder = dict(kw.pop("encoder"), patch_size=(_PATCH,) * cfg.spatial_dims, cls_token=False, pos_embed="learn",
+                   layer_norm_eps=1e-5)
+    description = dict(layout="monai-unetr", model="unetr", ndim=cfg.spatial_dims, in_channels=cfg.in_channels,
+                       grid=cfg.grid, encoder=encoder, unetr=kw, monai=cfg.monai_kwargs(), assumed=assumed)
+    return params, description, report

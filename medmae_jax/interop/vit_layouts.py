@@ -1029,10 +1029,10 @@ class MonaiUNETRLayout(Layout):
     model = "unetr"
 
     def to_jax(self, state_dict, *, strict=False, config=None, **hints):
-        from medmae_jax.interop.monai_unetr import monai_unetr_to_jax
+        from medmae_jax.interop.monai_unetr import import_monai_unetr
 
-        params, report = monai_unetr_to_jax(dict(state_dict), strict=strict)
-        return params, {"layout": self.name, "model": "unetr", "assumed": []}, report
+        _check_hints(hints)
+        return import_monai_unetr(state_dict, strict=strict, config=config, **hints)
 
     def to_torch(self, params, config=None):
         from medmae_jax.interop.monai_unetr import jax_to_monai_unetr

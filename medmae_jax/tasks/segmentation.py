@@ -436,9 +436,10 @@ class SegmentationTask(base.Task):
         return loss, {"loss": loss, **parts}
 
     # --- evaluation ------------------------------------------------------------------------------------------
-    def predict(self, params: Any, image: np.ndarray, *, probabilities: bool = False) -> np.ndarray:
+    def predict(self, params: Any, image: np.ndarray, *, probabilities: bool = False, mesh=None) -> np.ndarray:
         """Sliding-window prediction of one volume ``(*spatial, C)``: labels (multiclass), region masks ``(*spatial,
-        R)`` (regions), or the blended softmax/sigmoid probabilities ``(*spatial, K)`` with ``probabilities``."""
+        R)`` (regions), or the blended softmax/sigmoid probabilities ``(*spatial, K)`` with ``probabilities``.
+        With a ``mesh`` the windows are split over its devices."""
         from medmae_jax.evaluate.sliding_window import predict_volume
         s = self.config.segmentation
         image = np.asarray(image, np.float32)
@@ -451,7 +452,7 @@ class SegmentationTask(base.Task):
             post = {"argmax": True} if s.kind == "multiclass" else {"threshold": float(s.threshold)}
         out = predict_volume(self.model.apply, {"params": params}, image[None], tuple(self.config.model.input_size),
                              sw_batch_size=int(s.sw_batch_size), overlap=float(s.sw_overlap), mode=s.sw_mode,
-                             activation=activation, train=False, **post)
+                             activation=activation, mesh=mesh, train=False, **post)
         out = np.asarray(jax.device_get(out))[0]
         return out.astype(np.uint8) if not probabilities else out
 
@@ -462,7 +463,8 @@ class SegmentationTask(base.Task):
             return {}
         from medmae_jax.evaluate.segmentation_eval import evaluate_split
         result = evaluate_split(self, params, self.config.data.eval_split,
-                                limit=None if int(s.eval_limit) < 0 else int(s.eval_limit), hd95=bool(s.eval_hd95))
+                                limit=None if int(s.eval_limit) < 0 else int(s.eval_limit), hd95=bool(s.eval_hd95),
+                                mesh=mesh)
         return result.scalar_metrics()
 
     def summary_images(self, params: Any, mesh, step: int) -> dict:
@@ -477,7 +479,7 @@ class SegmentationTask(base.Task):
         if label.size == 0 or (s.kind == "regions" and not {"WT", "TC", "ET"} <= set(s.regions)):
             return {}
         image = np.asarray(ex["image"], np.float32)
-        pred = self.predict(params, image if image.ndim == 4 else image[..., None])
+        pred = self.predict(params, image if image.ndim == 4 else image[..., None], mesh=mesh)
         if s.kind == "regions":
             pred = regions_to_label(pred, tuple(s.regions), s.label_convention)
         num_labels = max(int(label.max()), int(pred.max()), self.num_outputs - 1) + 1

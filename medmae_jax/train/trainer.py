@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import time
 from typing import Any, Optional
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medmae_jax import console
+from medmae_jax import console, paths
 from medmae_jax.data import pipeline
 from medmae_jax.errors import ConfigError, NonFiniteError
 from medmae_jax.tasks import get_task
@@ -203,10 +202,24 @@ class Trainer:
                 "config": json.loads(self.config.to_json_best_effort())}
 
     def run(self) -> TrainResult:
+        """Train; a run that fails before its first save leaves no empty ``checkpoints/`` behind."""
+        paths.resolve(self.workdir).mkdir(parents=True, exist_ok=True)
+        directory = paths.resolve(self.workdir) / "checkpoints"
+        existed = directory.is_dir()
+        mngr = ckpt_lib.manager(str(directory), keep=self.config.checkpoint.keep,
+                                async_save=self.config.checkpoint.async_save)
+        try:
+            return self._run(mngr)
+        except BaseException:
+            try:
+                mngr.close()
+            finally:
+                if not existed and jax.process_index() == 0 and directory.is_dir() and not any(directory.iterdir()):
+                    directory.rmdir()
+            raise
+
+    def _run(self, mngr) -> TrainResult:
         config, workdir = self.config, self.workdir
-        os.makedirs(workdir, exist_ok=True)
-        mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
         latest = mngr.latest_step()
         if latest is not None:
             abstract = ckpt_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
@@ -220,8 +233,7 @@ class Trainer:
         start = int(jax.device_get(state.step))
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
         if start == 0 and jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+            (paths.resolve(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
         writer.write_config(config.to_json_best_effort(indent=2), start)
         base_rng = self.base_rng
         losses: list[float] = []
@@ -315,7 +327,7 @@ class Trainer:
         value = metrics.get(name) if name else None
         if value is None or not np.isfinite(value):
             return
-        best_dir = os.path.join(self.workdir, "best")
+        best_dir = paths.join(self.workdir, "best")
         mngr = ckpt_lib.manager(best_dir, keep=1, async_save=False)
         try:
             latest = mngr.latest_step()

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from medmae_jax.data import png
 from medmae_jax.data.datasets import collection_splits, tfds_utils
-from medmae_jax.data.datasets.collection_info import INFO_FILE
+from medmae_jax.data.datasets.collection_info import INFO_FILE, digest, refuse_stale_reuse
 from medmae_jax.data.datasets.nifti_collection import Collection, CollectionCase
 from medmae_jax.errors import DataError
 
@@ -101,7 +101,7 @@ def as_collection(root: str, images: dict[str, str], labels: dict, patients: dic
     return Collection(root, "images", cases, ("gray",), {})
 
 
-class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class ImageFolder(tfds_utils.QuietPrepare, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """2-D images resized at build time, multi-hot labels; splits from ``splits.json``."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -151,6 +151,9 @@ def build_image_folder(manual_dir: str, data_dir: str, name: str, *, labels_csv:
     info = {"name": name, "layout": "images", "root": root, "num_channels": 1, "channel_names": ["gray"],
             "num_classes": len(names), "class_names": names, "image_size": image_size,
             "splits": {k: len(v) for k, v in splits.items()}}
+    info["build"] = {"image_size": image_size, "class_names": names, "splits": digest(splits),
+                     "labels": digest({k: np.asarray(v).tolist() for k, v in labels.items()})}
+    refuse_stale_reuse(dataset_dir, TFDS_NAME, info["build"], overwrite)
     tmp = os.path.join(dataset_dir, INFO_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(info, f, indent=1)

@@ -23,7 +23,12 @@ import tensorflow_datasets as tfds
 
 from medmae_jax.data import nifti, transforms
 from medmae_jax.data.datasets import collection_splits, tfds_utils
-from medmae_jax.data.datasets.collection_info import INFO_FILE, read_collection_info  # noqa: F401 (re-exported)
+from medmae_jax.data.datasets.collection_info import (
+    INFO_FILE,
+    digest,
+    read_collection_info,  # noqa: F401 (re-exported)
+    refuse_stale_reuse,
+)
 from medmae_jax.data.datasets.nifti_collection import Collection, CollectionCase, discover, strip_nifti_suffix, validate
 from medmae_jax.errors import ConfigError
 
@@ -100,7 +105,7 @@ def preprocess(case: CollectionCase, class_values: list[int], prep: Preprocessin
             "has_label": case.label is not None, **geometry.to_features()}
 
 
-class NiftiCollection(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class NiftiCollection(tfds_utils.QuietPrepare, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Any NIfTI collection (datalist, nnU-Net or plain folder); splits from ``splits.json``."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -161,6 +166,10 @@ def build_nifti_collection(manual_dir: str, data_dir: str, name: str, *, datalis
         "intensity": preprocessing.intensity, "crop_foreground": preprocessing.crop_foreground,
         "splits": {k: len(v) for k, v in splits.items()},
     }
+    info["build"] = {"spacing": info["spacing"], "intensity": info["intensity"],
+                     "crop_foreground": info["crop_foreground"], "num_channels": channels, "class_values": values,
+                     "splits": digest(splits)}
+    refuse_stale_reuse(dataset_dir, TFDS_NAME, info["build"], overwrite)
     previous = _read_info_if_any(dataset_dir)
     _write_info(dataset_dir, info)
     builder = tfds_utils.build(NiftiCollection, manual_dir, dataset_dir, overwrite=overwrite,

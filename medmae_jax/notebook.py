@@ -1,0 +1,330 @@
+"""What the Colab notebooks in ``colab/`` need, so their cells stay a few lines: run a ``medmae-jax`` command
+in-process and get its JSON record, find the data, read metric curves, draw and show figures, print tables.
+
+Nothing here trains or evaluates by itself; every step goes through the public CLI or library entry points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import ml_collections
+import numpy as np
+
+from medmae_jax.data.augment import eval_transform
+from medmae_jax.data.datasets.chestxray14 import TEST_LIST, TRAIN_VAL_LIST
+from medmae_jax.data.labels import CXR14_LABELS
+from medmae_jax.data.pipeline import evaluation_batches
+from medmae_jax.errors import MedMAEError
+from medmae_jax.main import main
+from medmae_jax.tasks.classification import ClassificationTask
+from medmae_jax.tasks.pretrain import PretrainTask
+from medmae_jax.train.checkpoint import find_checkpoint, restore_params
+from medmae_jax.visualize import save_reconstruction_figure
+
+
+class NotebookError(MedMAEError):
+    """A notebook step failed: the command, its exit code and the end of its error output."""
+
+
+def quick_mode() -> bool:
+    """``MEDMAE_QUICK`` (default on): the ``:quick`` configs and small files, so a notebook runs on 2 CPU cores."""
+    return os.environ.get("MEDMAE_QUICK", "1") == "1"
+
+
+def shared_data(start: Optional[str] = None) -> Optional[Path]:
+    """The project's small real files: ``shared/data`` beside the repository (searched upward from ``start``)."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def repo_root(start: Optional[str] = None) -> Optional[Path]:
+    """The repository checkout holding ``configs/`` (searched upward from ``start``), if the notebook runs in one."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "configs").is_dir() and (folder / "medmae_jax").is_dir():
+            return folder
+    return None
+
+
+def runtime() -> dict:
+    """The attached accelerator as JAX sees it: backend, device kinds and counts."""
+    devices = jax.devices()
+    return {"backend": jax.default_backend(), "devices": len(devices), "local_devices": jax.local_device_count(),
+            "processes": jax.process_count(), "kind": devices[0].device_kind, "jax": jax.__version__}
+
+
+def _last_json(text: str):
+    """The last JSON value printed on its own lines (one line, or indented over several)."""
+    lines = text.splitlines()
+    decoder = json.JSONDecoder()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].lstrip().startswith(("{", "[")):
+            try:
+                return decoder.raw_decode("\n".join(lines[i:]).strip())[0]
+            except ValueError:
+                continue
+    return None
+
+
+def cli(*argv, echo: bool = True):
+    """Run ``medmae-jax ARGV...`` in this process; returns its JSON record (the last JSON line on stdout).
+
+    A non-zero exit raises :class:`NotebookError` with the command's own error line.
+    """
+    args = [str(a) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["--log-level", "ERROR", *args] if "--log-level" not in args else args)
+    if echo and out.getvalue():
+        text = out.getvalue()
+        print(text if len(text) < 4000 else text[:1500] + "\n...\n" + text[-2000:], end="")
+    if code != 0:
+        tail = "\n".join(err.getvalue().strip().splitlines()[-5:])
+        raise NotebookError(f"medmae-jax {' '.join(args[:2])} exited with {code}: {tail}")
+    return _last_json(out.getvalue())
+
+
+def metrics(workdir, split: str = "train") -> list[dict]:
+    """The records of ``workdir/metrics.jsonl`` written for ``split`` (train, eval, ...)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise NotebookError(f"{path}: no metrics file (has the run written any step yet?)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("split") == split]
+
+
+def curve(workdir, key: str = "loss", split: str = "train") -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric from ``workdir/metrics.jsonl``."""
+    rows = [r for r in metrics(workdir, split) if key in r]
+    return [int(r["step"]) for r in rows], [float(r[key]) for r in rows]
+
+
+def plot_curves(runs: Mapping[str, str], key: str = "loss", split: str = "train", title: Optional[str] = None):
+    """One line per run (label -> workdir) of ``key`` over steps, shown inline."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, workdir in runs.items():
+        steps, values = curve(workdir, key, split)
+        ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{split} {key}")
+    ax.set_title(title or f"{split} {key}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    show_figure(fig)
+
+
+def show_figure(fig):
+    """Display a matplotlib figure inline as a PNG (the package draws with the Agg backend) and free it."""
+    from IPython.display import Image, display  # only in a notebook kernel
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    display(Image(data=buf.getvalue()))
+
+
+def show_images(*paths, width: Optional[int] = None):
+    """Display PNG files inline (all PNGs of a folder when given one)."""
+    from IPython.display import Image, display  # only in a notebook kernel
+
+    files = []
+    for p in paths:
+        p = Path(p)
+        files += sorted(p.glob("*.png")) if p.is_dir() else [p]
+    if not files:
+        raise NotebookError(f"no PNG to show in {', '.join(str(p) for p in paths)}")
+    for f in files:
+        display(Image(filename=str(f), width=width))
+
+
+def table(rows: Sequence[Mapping], columns: Optional[Sequence[str]] = None, digits: int = 3) -> str:
+    """Rows of dicts as a fixed-width text table (printed and returned)."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.{digits}f}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(str(c)), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def all_finite(values: Iterable) -> bool:
+    """True when every number is finite (None counts as not finite)."""
+    return all(v is not None and math.isfinite(float(v)) for v in values)
+
+
+def reconstruction_panel(checkpoint, output, num_images: int = 4, seed: int = 0) -> str:
+    """The Figure 2 panel (original / masked / reconstruction) of an MAE checkpoint on its own evaluation split."""
+    params, meta = restore_params(str(checkpoint))
+    config = ml_collections.ConfigDict(meta["config"])
+    if config.get("task") != "pretrain":
+        raise NotebookError(f"{checkpoint}: not an MAE pre-training checkpoint (task {config.get('task')!r})")
+    task = PretrainTask(config)
+    batch, _ = next(evaluation_batches(task.source(config.data.eval_split), num_images, eval_transform(config)))
+    pred, masking, x = jax.jit(lambda p, im: task.reconstruct(p, im, jax.random.key(seed)))(
+        params, jnp.asarray(batch["image"]))
+    _, step = find_checkpoint(str(checkpoint))
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    save_reconstruction_figure(str(output), np.asarray(x), np.asarray(pred), np.asarray(masking.mask),
+                               task.patch_size, bool(config.model.norm_pix_loss),
+                               title=f"MAE step {step}, mask ratio {config.model.mask_ratio:g}")
+    return str(output)
+
+
+def echo(*parts):
+    """Print and flush (cell output order stays right when commands print too)."""
+    print(*parts)
+    sys.stdout.flush()
+
+
+def segmentation_table(results: Mapping[str, str], digits: int = 3) -> list[dict]:
+    """Per-class Dice and HD95 (mm) of several ``medmae-jax evaluate --output`` files side by side (printed).
+
+    Classes with no value in any result (absent from label and prediction) are left out and counted.
+    """
+    loaded = {name: json.loads(Path(path).read_text()) for name, path in results.items()}
+    classes = next(iter(loaded.values()))["classes"]
+    rows = []
+    for cls in [*classes, "mean"]:
+        row = {"class": cls}
+        for name, res in loaded.items():
+            if cls == "mean":
+                row[f"Dice {name}"] = res["summary"].get("mean_dice")
+                row[f"HD95 mm {name}"] = res["summary"].get("mean_hd95_mm")
+            else:
+                per = res["per_class"].get(cls, {}) if isinstance(res.get("per_class"), dict) else {}
+                row[f"Dice {name}"] = per.get("dice")
+                row[f"HD95 mm {name}"] = per.get("hd95_mm")
+        rows.append(row)
+    shown = [r for r in rows if any(v is not None for k, v in r.items() if k != "class")]
+    table(shown, digits=digits)
+    if len(shown) < len(rows):
+        print(f"({len(rows) - len(shown)} classes absent from the evaluated cases: no Dice or HD95 to report)")
+    return shown
+
+
+def nifti_geometry(**files) -> list[dict]:
+    """Shape, voxel size, orientation and affine origin of NIfTI files (name -> path), printed as a table."""
+    import nibabel as nib
+
+    rows = []
+    for name, path in files.items():
+        img = nib.load(str(path))
+        rows.append({"file": name, "shape": tuple(int(s) for s in img.shape),
+                     "spacing mm": tuple(round(float(z), 3) for z in img.header.get_zooms()[:3]),
+                     "orientation": "".join(nib.aff2axcodes(img.affine)),
+                     "origin mm": tuple(round(float(v), 1) for v in img.affine[:3, 3]),
+                     "dtype": str(img.get_data_dtype())})
+    table(rows)
+    return rows
+
+
+def chestxray14_folder(labels_csv, images_dir, dst, test_every: int = 4) -> Path:
+    """A ChestX-ray14 manual-download folder (``Data_Entry_2017_v2020.csv``, ``train_val_list.txt``,
+    ``test_list.txt``, ``images/``) for a subset of the official release: its label table rows and PNGs (linked).
+
+    Every ``test_every``-th patient goes to the test list, so the split is patient-disjoint as the official one.
+    """
+    import csv
+
+    dst = Path(dst)
+    (dst / "images").mkdir(parents=True, exist_ok=True)
+    with open(labels_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+               "View Position"]
+    missing = [c for c in columns if rows and c not in rows[0]]
+    if missing:
+        raise NotebookError(f"{labels_csv}: no column(s) {', '.join(missing)} of the official label table")
+    for r in rows:
+        src, link = Path(images_dir) / r["Image Index"], dst / "images" / r["Image Index"]
+        if not src.is_file():
+            raise NotebookError(f"{labels_csv}: image {src} listed but not found")
+        if not link.exists():
+            link.symlink_to(src.resolve())
+    with open(dst / "Data_Entry_2017_v2020.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([r[c] for c in columns] for r in rows)
+    test_patients = set(sorted({int(r["Patient ID"]) for r in rows})[::test_every])
+    test = [r["Image Index"] for r in rows if int(r["Patient ID"]) in test_patients]
+    (dst / TEST_LIST).write_text("\n".join(test) + "\n")
+    (dst / TRAIN_VAL_LIST).write_text("\n".join(r["Image Index"] for r in rows if r["Image Index"] not in test) + "\n")
+    print(f"{dst}: {len(rows)} images, {len(rows) - len(test)} train/validation, {len(test)} test "
+          f"({len(test_patients)} patients)")
+    return dst
+
+
+def roc_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) of one label over every score threshold (ties kept together)."""
+    labels, scores = np.asarray(labels, bool), np.asarray(scores, float)
+    order = np.argsort(-scores, kind="stable")
+    labels, scores = labels[order], scores[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+    tp, fp = np.cumsum(labels)[last_of_tie], np.cumsum(~labels)[last_of_tie]
+    return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
+
+
+def area_under(x, y) -> float:
+    """Trapezoid area under a curve (the ROC-AUC for ``roc_points``)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+
+
+def plot_roc(checkpoint, split: str = "test", max_labels: int = 14):
+    """ROC curves of a fine-tuned classifier on ``split``, one line per label with both classes present."""
+    params, meta = restore_params(str(checkpoint))
+    task = ClassificationTask(ml_collections.ConfigDict(meta["config"]))
+    labels, scores, _ = task.predict(params, split)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    drawn = 0
+    for k, name in enumerate(CXR14_LABELS[:labels.shape[1]]):
+        if drawn >= max_labels or len(np.unique(labels[:, k])) < 2:
+            continue
+        fpr, tpr = roc_points(labels[:, k], scores[:, k])
+        ax.plot(fpr, tpr, label=f"{name} ({area_under(fpr, tpr):.2f})")
+        drawn += 1
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"ROC on {split} ({len(labels)} images)")
+    ax.legend(fontsize=7)
+    show_figure(fig)
+
+
+def auc_table(metrics: Mapping) -> list[dict]:
+    """Per-finding ROC-AUC from a classification evaluation record (``auc/NAME`` keys), printed with the mean.
+
+    A finding with one class only among the images has no AUC: it is listed as undefined, not scored.
+    """
+    rows = [{"finding": name, "AUC": metrics.get(f"auc/{name}", "undefined (one class)")} for name in CXR14_LABELS]
+    table(rows)
+    defined = [r["AUC"] for r in rows if not isinstance(r["AUC"], str)]
+    mean = metrics.get("mean_auc")
+    print(f"mean AUC over {len(defined)} findings with both classes: "
+          f"{'undefined' if mean is None else format(float(mean), '.3f')}")
+    return rows
