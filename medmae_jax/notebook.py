@@ -26,7 +26,10 @@ from medmae_jax.data.datasets.chestxray14 import TEST_LIST, TRAIN_VAL_LIST
 from medmae_jax.data.labels import CXR14_LABELS
 from medmae_jax.data.pipeline import evaluation_batches
 from medmae_jax.errors import MedMAEError
+from medmae_jax.interop.monai_unetr import infer_monai_unetr_config
+from medmae_jax.interop.torch_checkpoints import load_state_dict
 from medmae_jax.main import main
+from medmae_jax.models.unetr import UNETR
 from medmae_jax.tasks.classification import ClassificationTask
 from medmae_jax.tasks.pretrain import PretrainTask
 from medmae_jax.train.checkpoint import find_checkpoint, restore_params
@@ -328,3 +331,80 @@ def auc_table(metrics: Mapping) -> list[dict]:
     print(f"mean AUC over {len(defined)} findings with both classes: "
           f"{'undefined' if mean is None else format(float(mean), '.3f')}")
     return rows
+
+
+#: Small models for the notebooks' random-weight PyTorch files (the :quick configs' sizes, so they fine-tune).
+TINY_TORCH = {
+    "monai-unetr": dict(in_channels=1, out_channels=14, img_size=(32, 32, 32), feature_size=8, hidden_size=48,
+                        mlp_dim=96, num_heads=3, spatial_dims=3),
+    "monai-mae": dict(in_channels=1, img_size=(32, 32, 32), patch_size=16, hidden_size=48, mlp_dim=96, num_layers=2,
+                      num_heads=3, decoder_hidden_size=48, decoder_mlp_dim=96, decoder_num_layers=1,
+                      decoder_num_heads=3, spatial_dims=3),
+    "fair-mae": dict(width=48, depth=2, mlp=96, patch=8, img=32, chans=3, dwidth=48, ddepth=1),
+}
+
+
+def _fair_mae_state_dict(width, depth, mlp, patch, img, chans, dwidth, ddepth, seed) -> dict:
+    """Random weights under the keys of FAIR's ``models_mae.MaskedAutoencoderViT`` (no model class needed)."""
+    rng = np.random.default_rng(seed)
+
+    def r(*shape):
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+
+    sd = {"cls_token": r(1, 1, width), "patch_embed.proj.weight": r(width, chans, patch, patch),
+          "patch_embed.proj.bias": r(width), "pos_embed": r(1, (img // patch) ** 2 + 1, width)}
+    for prefix, d, w, m in (("blocks", depth, width, mlp), ("decoder_blocks", ddepth, dwidth, 4 * dwidth)):
+        for i in range(d):
+            p = f"{prefix}.{i}."
+            sd.update({p + "norm1.weight": 1 + r(w), p + "norm1.bias": r(w), p + "attn.qkv.weight": r(3 * w, w),
+                       p + "attn.qkv.bias": r(3 * w), p + "attn.proj.weight": r(w, w), p + "attn.proj.bias": r(w),
+                       p + "norm2.weight": 1 + r(w), p + "norm2.bias": r(w), p + "mlp.fc1.weight": r(m, w),
+                       p + "mlp.fc1.bias": r(m), p + "mlp.fc2.weight": r(w, m), p + "mlp.fc2.bias": r(w)})
+    sd.update({"norm.weight": 1 + r(width), "norm.bias": r(width), "decoder_embed.weight": r(dwidth, width),
+               "decoder_embed.bias": r(dwidth), "mask_token": r(1, 1, dwidth),
+               "decoder_pos_embed": r(1, (img // patch) ** 2 + 1, dwidth), "decoder_norm.weight": 1 + r(dwidth),
+               "decoder_norm.bias": r(dwidth), "decoder_pred.weight": r(patch * patch * chans, dwidth),
+               "decoder_pred.bias": r(patch * patch * chans)})
+    return sd
+
+
+def random_torch_checkpoint(layout: str, path, seed: int = 0) -> Path:
+    """A PyTorch ``.pth`` of random weights in ``layout`` (monai-unetr, monai-mae: the MONAI model itself;
+    fair-mae: FAIR's key layout), sized as :data:`TINY_TORCH`, for trying the import without a download."""
+    import torch  # optional: the [parity] extra
+
+    torch.manual_seed(seed)
+    kwargs = TINY_TORCH[layout]
+    if layout == "monai-unetr":
+        from monai.networks.nets import UNETR as MonaiUNETR
+        sd = MonaiUNETR(**kwargs).state_dict()
+    elif layout == "monai-mae":
+        from monai.networks.nets import MaskedAutoEncoderViT
+        sd = MaskedAutoEncoderViT(**kwargs).state_dict()
+    else:
+        sd = {k: torch.from_numpy(v) for k, v in _fair_mae_state_dict(**kwargs, seed=seed).items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sd} if layout == "fair-mae" else sd, path)  # FAIR's files wrap the weights in "model"
+    return path
+
+
+def unetr_difference_to_torch(torch_file, converted, num_heads: int, seed: int = 0) -> float:
+    """Max abs logit difference between MONAI's UNETR with ``torch_file`` loaded and the converted JAX model."""
+    import torch
+    from monai.networks.nets import UNETR as MonaiUNETR
+
+    sd = load_state_dict(str(torch_file))
+    config = infer_monai_unetr_config(sd, num_heads=num_heads)
+    model = MonaiUNETR(**config.monai_kwargs()).eval()
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, strict=False)
+    params, _ = restore_params(str(converted))
+    shape = (1, *config.monai_kwargs()["img_size"], config.monai_kwargs()["in_channels"])
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    with torch.no_grad():
+        want = np.moveaxis(model(torch.from_numpy(np.moveaxis(x, -1, 1).copy())).numpy(), 1, -1)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(jax.jit(UNETR(**config.unetr_kwargs()).apply)({"params": params}, jnp.asarray(x)))
+    diff = float(np.max(np.abs(got - want)))
+    print(f"max |logit difference| JAX vs PyTorch: {diff:.3g} (logits up to {float(np.max(np.abs(want))):.3g})")
+    return diff
