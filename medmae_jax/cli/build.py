@@ -21,7 +21,7 @@ def add_arguments(parser):
                         help="builder config: btcv monai|selfmedmae (default monai; configs/btcv_*.py read "
                              "selfmedmae); msd_brain_tumour fold0..fold4 or fold<k>_monai (default fold0)")
     parser.add_argument("--image-size", type=int, default=None, help="chestxray14: stored image size (default 256)")
-    parser.add_argument("--overwrite", action="store_true", help="btcv/msd/nifti: rebuild even if already built")
+    parser.add_argument("--overwrite", action="store_true", help="btcv/msd/nifti/images: rebuild even if already built")
     own = parser.add_argument_group("nifti: your own collection (datalist, nnU-Net folder or plain folder of volumes)")
     own.add_argument("--name", default=None, help="data set name: written to DATA_DIR/NAME (configs' dataset=NAME)")
     own.add_argument("--datalist", default=None, help="MSD/MONAI dataset.json (default: MANUAL_DIR/dataset.json if it "
@@ -168,5 +168,6 @@ def built_output(builder, splits: dict, started: float) -> str:
     info = os.path.join(folder, "dataset_info.json")
     name = f"{_full_name(builder)} {builder.version}"
     if os.path.isfile(info) and os.path.getmtime(info) < started:
-        return f"nothing new: {name} was already built in {folder} ({counts} examples; --overwrite rebuilds btcv/msd)"
+        hint = "delete the folder to rebuild" if builder.name == "chestxray14" else "--overwrite rebuilds it"
+        return f"nothing new: {name} was already built in {folder} ({counts} examples; {hint})"
     return f"{name} ({counts} examples; {human_bytes(tree_bytes(folder))}) to {folder}"

@@ -133,6 +133,13 @@ def patch_targets(images: jax.Array, patch_size: Sequence[int], norm_pix: bool, 
     return target
 
 
+def mae_loss_per_example(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+    """(B,) mean squared error over each example's masked patches (their mean is :func:`mae_loss` when every
+    example masks the same number of patches, as random masking does)."""
+    per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
+    return jnp.sum(per_patch * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
 def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean squared error per patch, averaged over the masked patches only."""
     per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
