@@ -8,6 +8,7 @@ noise), not when the caller's own switch (e.g. ``config.progress_bar``) is off, 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 from typing import Iterable, Optional
@@ -153,3 +154,27 @@ def print_wrote(parts: Iterable[str], stream=None) -> str:
     if _process_index() == 0:
         print(line, file=sys.stderr if stream is None else stream, flush=True)
     return line
+
+
+# Library messages with nothing for a user to act on: orbax reading a checkpoint item saved without its optional
+# metadata file; TFDS recommending OpenCV for decoding images (PIL decodes them identically).
+LIBRARY_NOISE = ("Metadata file does not exist", "OpenCV is not installed")
+
+
+class _DropNoise(logging.Filter):
+    """Drops records whose message starts with one of :data:`LIBRARY_NOISE`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is not ours to judge
+            return True
+        return not message.startswith(LIBRARY_NOISE)
+
+
+def quiet_library_logs() -> None:
+    """Filter :data:`LIBRARY_NOISE` out of the loggers orbax and TFDS write through (absl); safe to call again."""
+    for name in ("absl", "orbax", "tensorflow_datasets"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from medmae_jax.cli import COMMANDS
-from medmae_jax.console import set_progress
+from medmae_jax.console import quiet_library_logs, set_progress
 from medmae_jax.errors import MedMAEError
 from medmae_jax.flag_args import expand_flagfiles, split_overrides
 
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(message)s")
     set_progress(not args.no_progress)
+    quiet_library_logs()
     if overrides and not hasattr(args, "config"):
         print(f"medmae-jax {args.command}: --config.* overrides need --config", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,20 @@ def test_cells_are_short_and_start_with_the_install_cell(path):
         assert len(lines) <= 12, f"{path.name}: a cell of {len(lines)} lines; move the logic into the library"
 
 
+def test_roc_points_match_scikit_learn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    from medmae_jax.notebook import area_under, roc_points
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(200) < 0.3
+    scores = np.round(rng.random(200) + 0.3 * labels, 1)  # many ties
+    fpr, tpr = roc_points(labels, scores)
+    ref_fpr, ref_tpr, _ = metrics.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr)
+    np.testing.assert_allclose(tpr, ref_tpr)
+    assert area_under(fpr, tpr) == pytest.approx(metrics.roc_auc_score(labels, scores), abs=1e-12)
+
+
 def _text_outputs(cell) -> str:
     parts = []
     for out in cell.get("outputs", []):
@@ -76,6 +91,9 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
+    if path.name.startswith("04_"):  # the PyTorch side of the import/export checks: the [parity] extra
+        pytest.importorskip("torch")
+        pytest.importorskip("monai")
     monkeypatch.setenv("JUPYTER_PATH", str(_kernel_dir(tmp_path / "jupyter")))
     monkeypatch.setenv("MEDMAE_QUICK", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -86,6 +104,8 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     t0 = time.time()
     client.execute()  # raises CellExecutionError naming the cell on any error
     wall = time.time() - t0
+    if os.environ.get("MEDMAE_NOTEBOOK_OUT"):  # keep the executed copy to look at
+        nbformat.write(nb, str(Path(os.environ["MEDMAE_NOTEBOOK_OUT"]) / path.name))
     assert wall < CELL_TIMEOUT_S, f"{path.name} took {wall:.0f} s"
     tagged = 0
     for i, cell in enumerate(nb.cells):

@@ -21,7 +21,7 @@ def add_arguments(parser):
                         help="builder config: btcv monai|selfmedmae (default monai; configs/btcv_*.py read "
                              "selfmedmae); msd_brain_tumour fold0..fold4 or fold<k>_monai (default fold0)")
     parser.add_argument("--image-size", type=int, default=None, help="chestxray14: stored image size (default 256)")
-    parser.add_argument("--overwrite", action="store_true", help="btcv/msd/nifti: rebuild even if already built")
+    parser.add_argument("--overwrite", action="store_true", help="btcv/msd/nifti/images: rebuild even if already built")
     own = parser.add_argument_group("nifti: your own collection (datalist, nnU-Net folder or plain folder of volumes)")
     own.add_argument("--name", default=None, help="data set name: written to DATA_DIR/NAME (configs' dataset=NAME)")
     own.add_argument("--datalist", default=None, help="MSD/MONAI dataset.json (default: MANUAL_DIR/dataset.json if it "
@@ -48,10 +48,55 @@ def add_arguments(parser):
 def run(args, overrides) -> int:
     import tensorflow_datasets as tfds
 
-    from medmae_jax.errors import ConfigError
     # TFDS draws the per-split example counters; the same rule as every other command decides whether they show.
     tfds.display_progress_bar(progress_enabled())
     started = time.time()
+    before = _existing(args.data_dir)
+    try:
+        builder = _build(args)
+    except BaseException:
+        _remove_new(args.data_dir, before)  # a failed build leaves no partial data set folder behind
+        raise
+    splits = {name: int(info.num_examples) for name, info in builder.info.splits.items()}
+    print(json.dumps({"dataset": _full_name(builder), "data_dir": args.data_dir,
+                      "splits": splits}))
+    print_wrote([built_output(builder, splits, started)])
+    return 0
+
+
+# Depth of data_dir/NAME/CONFIG/VERSION/...: what a build creates lies within it.
+_DEPTH = 4
+
+
+def _existing(data_dir: str) -> set[str] | None:
+    """Paths under ``data_dir`` down to the data set version folders (None: ``data_dir`` does not exist yet)."""
+    if not os.path.isdir(data_dir):
+        return None
+    found, root_depth = set(), os.path.abspath(data_dir).rstrip(os.sep).count(os.sep)
+    for here, dirs, files in os.walk(os.path.abspath(data_dir)):
+        found.update(os.path.join(here, n) for n in dirs + files)
+        if here.count(os.sep) - root_depth >= _DEPTH - 1:
+            dirs[:] = []
+    return found
+
+
+def _remove_new(data_dir: str, before: set[str] | None) -> None:
+    """Remove what appeared under ``data_dir`` since ``before`` (all of it if ``data_dir`` is new)."""
+    import shutil
+    if before is None:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        return
+    for path in sorted((_existing(data_dir) or set()) - before, key=len):
+        if path in before or not os.path.lexists(path):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+
+
+def _build(args):
+    from medmae_jax.errors import ConfigError
     if args.dataset == "chestxray14":
         if args.config:
             raise ConfigError("chestxray14 has no --config; use --image-size")
@@ -76,11 +121,7 @@ def run(args, overrides) -> int:
         if name not in known:
             raise ConfigError(f"{args.dataset}: unknown --config {name!r}; known: {', '.join(known)}")
         builder = build(args.manual_dir, args.data_dir, name, overwrite=args.overwrite)
-    splits = {name: int(info.num_examples) for name, info in builder.info.splits.items()}
-    print(json.dumps({"dataset": _full_name(builder), "data_dir": args.data_dir,
-                      "splits": splits}))
-    print_wrote([built_output(builder, splits, started)])
-    return 0
+    return builder
 
 
 def _build_nifti(args):
@@ -127,5 +168,6 @@ def built_output(builder, splits: dict, started: float) -> str:
     info = os.path.join(folder, "dataset_info.json")
     name = f"{_full_name(builder)} {builder.version}"
     if os.path.isfile(info) and os.path.getmtime(info) < started:
-        return f"nothing new: {name} was already built in {folder} ({counts} examples; --overwrite rebuilds btcv/msd)"
+        hint = "delete the folder to rebuild" if builder.name == "chestxray14" else "--overwrite rebuilds it"
+        return f"nothing new: {name} was already built in {folder} ({counts} examples; {hint})"
     return f"{name} ({counts} examples; {human_bytes(tree_bytes(folder))}) to {folder}"

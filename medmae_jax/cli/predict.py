@@ -102,11 +102,12 @@ def preprocess(config, paths, tmpdir: str) -> tuple:
 def run(args, overrides) -> int:
     import numpy as np
 
-    from medmae_jax.cli.evaluate import checkpoint_path, load_config, load_params
+    from medmae_jax.cli.evaluate import checkpoint_path, load_config
     from medmae_jax.data import nifti
     from medmae_jax.data.labels import regions_to_label
     from medmae_jax.errors import ConfigError, DataError
     from medmae_jax.tasks import get_task
+    from medmae_jax.train.checkpoint import load_params
     path = checkpoint_path(args.checkpoint, args.best)
     args.checkpoint = path
     config = load_config(args, overrides)
@@ -115,6 +116,7 @@ def run(args, overrides) -> int:
     for p in args.input:
         if not os.path.isfile(p):
             raise DataError(p, "input file not found")
+    nifti.check_output_path(args.output)  # before minutes of inference
     # One bar over the four stages; the sliding window (compile + all windows) is one jitted call.
     with progress_bar(total=len(STAGES), desc="predict", unit="stage") as bar:
         bar.set_postfix_str(STAGES[0], refresh=True)

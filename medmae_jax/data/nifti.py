@@ -34,6 +34,9 @@ from medmae_jax.errors import DataError
 PathLike = Union[str, os.PathLike]
 
 AFFINE_TOL = 1e-3  # MONAI's tolerance for "this resampling changes nothing"
+# Resampled grids above this many voxels are refused before anything is allocated: a wrong voxel size in a header
+# (1000 mm instead of 1 mm) would otherwise ask numpy for hundreds of GiB.
+MAX_GRID_VOXELS = 2 ** 30
 RAS = nio.axcodes2ornt("RAS")
 
 
@@ -443,6 +446,35 @@ def check_same_grid(image_path, image_shape, image_affine, label_path, label_sha
         )
 
 
+def _memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_grid_size(path: PathLike, shape: Sequence[int], spacing: Sequence[float], grid_shape: Sequence[int],
+                    pixdim: Sequence[float], channels: int = 1) -> None:
+    """A DataError naming the file, both sizes and the reason when resampling would need an unreasonable grid.
+
+    The estimate is what :func:`resample` holds at once: float64 sample coordinates and values per voxel.
+    """
+    voxels = int(np.prod([int(s) for s in grid_shape], dtype=np.float64))
+    need = voxels * 8 * (3 + max(int(channels), 1))
+    memory = _memory_bytes()
+    reason = None
+    if voxels > MAX_GRID_VOXELS:
+        reason = f"over the limit of {MAX_GRID_VOXELS:,} voxels"
+    elif memory is not None and need > memory:
+        reason = f"more than this machine's {memory / 2 ** 30:.1f} GiB of memory"
+    if reason:
+        spacing_mm = "x".join(f"{float(x):.4g}" for x in spacing)
+        pixdim_mm = "x".join(f"{float(x):.4g}" for x in pixdim)
+        raise DataError(path, f"resampling {tuple(int(s) for s in shape)} voxels of {spacing_mm} mm to {pixdim_mm} mm "
+                              f"gives a {tuple(int(s) for s in grid_shape)} grid ({voxels:,} voxels, "
+                              f"~{need / 2 ** 30:.3g} GiB), {reason}; check the voxel size in the file's header")
+
+
 def load_case(
     image_path: PathLike,
     label_path: Optional[PathLike] = None,
@@ -470,6 +502,8 @@ def load_case(
         label, _ = reorient(label, affine, ornt)
     if pixdim is not None:
         grid_affine, grid_shape = spacing_grid(ras_affine, image.shape[:3], pixdim)
+        check_grid_size(image_path, image.shape[:3], voxel_spacing(ras_affine), grid_shape, pixdim,
+                        image.shape[3] if image.ndim == 4 else 1)
         image = resample(image, ras_affine, grid_affine, grid_shape, mode="linear")
         if label is not None:
             label = resample(label, ras_affine, grid_affine, grid_shape, mode="nearest")
@@ -502,6 +536,26 @@ def to_original(array: np.ndarray, geometry: Geometry, *, mode: str = "nearest",
     out = np.ascontiguousarray(nio.apply_orientation(array, inverse))
     assert out.shape[:3] == tuple(geometry.shape), (out.shape, geometry.shape)
     return out
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def check_output_path(path: PathLike) -> None:
+    """Before any work: ``path`` is a ``.nii``/``.nii.gz`` name, not a folder, in a folder that is or can be made
+    writable (the nearest existing ancestor); else a DataError naming it."""
+    path = os.path.abspath(os.fspath(path))
+    if not path.endswith(NIFTI_SUFFIXES):
+        raise DataError(path, "the output must be named .nii or .nii.gz")
+    if os.path.isdir(path):
+        raise DataError(path, "the output is an existing folder; name a .nii.gz file")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DataError(path, f"cannot write here: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(path, f"cannot write here: no write permission in {parent}")
 
 
 def write_nifti(

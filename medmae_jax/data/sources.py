@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
-from medmae_jax.data.datasets import synthetic
+from etils import epath
+
+from medmae_jax.console import quiet_library_logs
+from medmae_jax.data.datasets import nih1000, synthetic
 from medmae_jax.errors import ConfigError
+
+quiet_library_logs()  # TFDS image features log an "OpenCV is not installed" advice on first decode
 
 SYNTHETIC = ("synthetic2d", "synthetic3d")
 
 # Synthetic splits are disjoint index ranges of one procedural stream (offset = seed shift).
 _SPLIT_SEED_OFFSET = {"train": 0, "validation": 1_000_003, "test": 2_000_003}
 
-# Small data sets read straight from their files into memory (no TFDS build): name -> "module:function(data, split)".
-IN_MEMORY = {"nih1000": "medmae_jax.experiments.cxr14_mini:open_nih1000"}
+# Small data sets read straight from their files into memory (no TFDS build): name -> opener(data, split).
+IN_MEMORY = {"nih1000": nih1000.open_nih1000}
 
 
 def open_source(data: Mapping, split: str):
@@ -30,9 +34,7 @@ def open_source(data: Mapping, split: str):
                                               shading=data.get("synthetic_shading", 0.0))
         return synthetic.SyntheticPhantom3D(num, tuple(data["volume_size"]), seed)
     if name in IN_MEMORY:
-        import importlib
-        module, fn = IN_MEMORY[name].split(":")
-        return getattr(importlib.import_module(module), fn)(data, split)
+        return IN_MEMORY[name](data, split)
     return open_tfds(data, split)
 
 
@@ -41,7 +43,7 @@ def open_tfds(data: Mapping, split: str):
     import tensorflow_datasets as tfds
 
     data_dir = data.get("data_dir") or ""
-    if not data_dir or not os.path.isdir(data_dir):
+    if not data_dir or not epath.Path(data_dir).is_dir():
         raise ConfigError(f"data.data_dir {data_dir!r} does not exist: build the {data['name']} data set first "
                           f"(see README: medmae-jax build ...) or use a synthetic data set")
     name = data.get("tfds_name") or data["name"]

@@ -233,7 +233,7 @@ def _region_dice(p: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 def evaluate_split(task, params: Any, split: str, *, limit: Optional[int] = None, hd95: bool = True,
                    original: Optional[bool] = None, manual_dir: str = "", figures_dir: str = "",
-                   max_figures: int = 4, compare: Optional[dict] = None, source=None) -> SplitResult:
+                   max_figures: int = 4, compare: Optional[dict] = None, source=None, mesh=None) -> SplitResult:
     """Sliding-window evaluation of ``task`` (a SegmentationTask) with ``params`` on ``split``.
 
     ``limit``: at most this many volumes. ``hd95``: also HD95 (voxels; mm when the example has a
@@ -241,7 +241,8 @@ def evaluate_split(task, params: Any, split: str, *, limit: Optional[int] = None
     geometry, against the label file under ``manual_dir`` when found. ``figures_dir``: overlays
     of the first ``max_figures`` cases (see :mod:`medmae_jax.evaluate.figures`); ``compare``
     (``{name: params}`` of the same model, e.g. the from-scratch run) adds their predictions as
-    further columns, like the paper's scratch-vs-MAE figures.
+    further columns, like the paper's scratch-vs-MAE figures. ``mesh``: split each case's windows over its
+    devices (every process reads the case; the prediction comes back to each).
     """
     from medmae_jax.data import nifti
     config = task.config
@@ -264,7 +265,7 @@ def evaluate_split(task, params: Any, split: str, *, limit: Optional[int] = None
         image = np.asarray(ex["image"], np.float32)
         if image.ndim == 3:
             image = image[..., None]
-        pred = task.predict(params, image)
+        pred = task.predict(params, image, mesh=mesh)
         pred_r = pred[..., list(channels)] if s.kind == "regions" else pred
         target = _targets(task, label, channels)
         pixdim = np.asarray(ex["pixdim"], np.float64) if "pixdim" in ex else None

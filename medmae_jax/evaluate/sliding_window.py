@@ -22,7 +22,6 @@ to the host. Use :func:`memory_estimate` to size a call.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -30,6 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from medmae_jax.evaluate import sharded
 
 try:  # public alias in current JAX; the private home is the fallback for versions that drop it
     _Tracer = jax.core.Tracer
@@ -114,15 +117,21 @@ def importance_map(roi_size: Sequence[int], mode: str = "constant", sigma_scale:
 
 
 def _blend(inputs: jax.Array, predictor: Callable, args: tuple, plan: WindowPlan, weight: np.ndarray,
-           sw_batch_size: int, cval: float, acc_dtype) -> jax.Array:
-    """The traced core: pad, loop over window batches, accumulate, normalise, crop."""
+           sw_batch_size: int, cval: float, acc_dtype, mesh: Optional[Mesh] = None, unroll: bool = False) -> jax.Array:
+    """The traced core: pad, loop over window batches, accumulate, normalise, crop.
+
+    With a ``mesh`` the window batches are split over all its devices (``shard_map``): each device blends its
+    share into its own accumulator and a ``psum`` adds them, so each device runs 1/N of the predictor calls.
+    ``unroll`` unrolls the loops (for XLA's cost analysis, which counts a loop body once).
+    """
     nd = len(plan.roi_size)
     batch, chans = inputs.shape[0], inputs.shape[-1]
     if any(p != (0, 0) for p in plan.pad):
         inputs = jnp.pad(inputs, ((0, 0),) + plan.pad + ((0, 0),), constant_values=jnp.asarray(cval, inputs.dtype))
     nwin = plan.num_windows
     total = batch * nwin
-    steps = -(-total // sw_batch_size)
+    split = 1 if mesh is None else mesh.size
+    steps = -(-total // (sw_batch_size * split)) * split
     flat = np.arange(steps * sw_batch_size)
     valid = (flat < total).reshape(steps, sw_batch_size)
     flat = np.minimum(flat, total - 1)
@@ -136,24 +145,36 @@ def _blend(inputs: jax.Array, predictor: Callable, args: tuple, plan: WindowPlan
                          f"(same window size, channels last), got {getattr(out_struct, 'shape', out_struct)}")
     k = out_struct.shape[-1]
     w = jnp.asarray(weight, acc_dtype)
-    corner_j, valid_j = jnp.asarray(corner), jnp.asarray(valid)
 
-    def cut(start):
-        return lax.dynamic_slice(inputs, start, (1,) + plan.roi_size + (chans,))[0]
+    def accumulate(inputs, corner_j, valid_j, args):
+        def cut(start):
+            return lax.dynamic_slice(inputs, start, (1,) + plan.roi_size + (chans,))[0]
 
-    def step(i, acc):
-        starts = corner_j[i]
-        logits = predictor(jax.vmap(cut)(starts), *args).astype(acc_dtype) * w[..., None]
+        def step(i, acc):
+            starts = corner_j[i]
+            logits = predictor(jax.vmap(cut)(starts), *args).astype(acc_dtype) * w[..., None]
 
-        def add(j, acc):
-            s = starts[j]
-            cur = lax.dynamic_slice(acc, s, (1,) + plan.roi_size + (k,))
-            new = jnp.where(valid_j[i, j], cur + logits[j][None], cur)
-            return lax.dynamic_update_slice(acc, new, s)
+            def add(j, acc):
+                s = starts[j]
+                cur = lax.dynamic_slice(acc, s, (1,) + plan.roi_size + (k,))
+                new = jnp.where(valid_j[i, j], cur + logits[j][None], cur)
+                return lax.dynamic_update_slice(acc, new, s)
 
-        return lax.fori_loop(0, sw_batch_size, add, acc)
+            return lax.fori_loop(0, sw_batch_size, add, acc, unroll=unroll)
 
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((batch,) + plan.padded_size + (k,), acc_dtype))
+        zeros = jnp.zeros((batch,) + plan.padded_size + (k,), acc_dtype)
+        return lax.fori_loop(0, corner_j.shape[0], step, zeros, unroll=unroll)
+
+    if mesh is None:
+        acc = accumulate(inputs, jnp.asarray(corner), jnp.asarray(valid), args)
+    else:
+        axes = tuple(mesh.axis_names)
+
+        def local(inputs, corner_j, valid_j, args):
+            return lax.psum(accumulate(inputs, corner_j, valid_j, args), axes)
+
+        acc = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes), P(axes), P()), out_specs=P(),
+                            check_vma=False)(inputs, jnp.asarray(corner), jnp.asarray(valid), args)
 
     starts_j = jnp.asarray(plan.starts)
 
@@ -167,16 +188,36 @@ def _blend(inputs: jax.Array, predictor: Callable, args: tuple, plan: WindowPlan
     return out[(slice(None),) + crop + (slice(None),)]
 
 
-@functools.partial(jax.jit, static_argnames=("predictor", "plan_key", "sw_batch_size", "mode", "sigma_scale",
-                                             "cval", "acc_dtype", "postprocess"))
-def _blend_jit(inputs, args, weight, *, predictor, plan_key, sw_batch_size, mode, sigma_scale, cval, acc_dtype,
-               postprocess):
-    roi_size, overlap = plan_key
-    plan = window_plan(inputs.shape[1:-1], roi_size, overlap)
-    if weight is None:
-        weight = importance_map(plan.roi_size, mode, sigma_scale)
-    out = _blend(inputs, predictor, args, plan, weight, sw_batch_size, cval, acc_dtype)
-    return out if postprocess is None else postprocess(out)
+def _blend_fn(*, predictor, plan_key, sw_batch_size, mode, sigma_scale, cval, acc_dtype, postprocess, mesh, unroll):
+    def fn(inputs, args, weight):
+        roi_size, overlap = plan_key
+        plan = window_plan(inputs.shape[1:-1], roi_size, overlap)
+        if weight is None:
+            weight = importance_map(plan.roi_size, mode, sigma_scale)
+        out = _blend(inputs, predictor, args, plan, weight, sw_batch_size, cval, acc_dtype, mesh, unroll)
+        return out if postprocess is None else postprocess(out)
+    return fn
+
+
+_BLEND_FNS: dict = {}  # options -> jitted blend
+
+
+def blend_jit(**options) -> Callable:
+    """The jitted whole-volume blend for one set of (hashable) options; with a mesh its output is replicated."""
+    key = tuple(sorted(options.items(), key=lambda kv: kv[0]))
+    if key not in _BLEND_FNS:
+        mesh = options["mesh"]
+        shardings = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
+        _BLEND_FNS[key] = jax.jit(_blend_fn(**options), **shardings)
+    return _BLEND_FNS[key]
+
+
+def compiled_variants() -> int:
+    """Compiled blending programs so far (-1 where this JAX has no compilation counter)."""
+    counts = [getattr(fn, "_cache_size", None) for fn in _BLEND_FNS.values()]
+    if any(c is None for c in counts):
+        return -1
+    return sum(c() for c in counts)
 
 
 def _hashable(v):
@@ -194,7 +235,8 @@ def sliding_window_inference(inputs: jax.Array, predictor: Callable[..., jax.Arr
                              sigma_scale: FloatOrSeq = 0.125, cval: float = 0.0,
                              roi_weight_map: Optional[np.ndarray] = None, predictor_args: tuple = (),
                              accumulate_dtype=jnp.float32,
-                             postprocess: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
+                             postprocess: Optional[Callable[[jax.Array], jax.Array]] = None,
+                             mesh: Optional[Mesh] = None, unroll: bool = False) -> jax.Array:
     """Blend ``predictor(windows, *predictor_args)`` over a ``(B, *spatial, C)`` volume (2-D or 3-D).
 
     ``predictor`` maps windows ``(N, *roi, C)`` to logits ``(N, *roi, K)``; the result is
@@ -205,9 +247,13 @@ def sliding_window_inference(inputs: jax.Array, predictor: Callable[..., jax.Arr
     The whole computation is one jitted call, cached on the (hashable) ``predictor``,
     the shapes and the options; pass arrays the predictor needs (parameters) through
     ``predictor_args`` so that new values do not recompile. It can also be called inside
-    an outer ``jax.jit``.
+    an outer ``jax.jit``. With a ``mesh`` the windows are split over its devices and the result is replicated
+    on it (host inputs are replicated first; every process passes the same volume).
     """
-    inputs = jnp.asarray(inputs)
+    if mesh is not None and not isinstance(inputs, _Tracer) and (not isinstance(inputs, jax.Array)
+                                                                 or not _on_mesh(inputs, mesh)):
+        inputs = sharded.replicate(mesh, np.asarray(inputs))
+    inputs = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
     if inputs.ndim not in (4, 5):
         raise ValueError(f"inputs must be (B, H, W, C) or (B, D, H, W, C) channels-last, got shape {inputs.shape}")
     if int(sw_batch_size) < 1:
@@ -221,18 +267,26 @@ def sliding_window_inference(inputs: jax.Array, predictor: Callable[..., jax.Arr
         weight = np.asarray(roi_weight_map, np.float32)
         if weight.shape != plan.roi_size or np.any(weight < 0):
             raise ValueError(f"roi_weight_map must be non-negative with shape {plan.roi_size}, got {weight.shape}")
-        weight = jnp.asarray(weight)
+        weight = jnp.asarray(weight) if mesh is None else sharded.replicate(mesh, weight)
     else:
         importance_map(plan.roi_size, mode, sigma_scale)  # validates mode
     if isinstance(inputs, _Tracer):
         # already inside an outer jit: trace the loop inline (no nested cache keyed on a fresh closure)
         out = _blend(inputs, predictor, tuple(predictor_args),
                      plan, importance_map(plan.roi_size, mode, sigma_scale) if weight is None else weight,
-                     int(sw_batch_size), float(cval), jnp.dtype(accumulate_dtype))
+                     int(sw_batch_size), float(cval), jnp.dtype(accumulate_dtype), mesh, bool(unroll))
         return out if postprocess is None else postprocess(out)
-    return _blend_jit(inputs, tuple(predictor_args), weight, predictor=predictor, plan_key=plan_key,
-                      sw_batch_size=int(sw_batch_size), mode=mode, sigma_scale=_hashable(sigma_scale),
-                      cval=float(cval), acc_dtype=jnp.dtype(accumulate_dtype), postprocess=postprocess)
+    fn = blend_jit(predictor=predictor, plan_key=plan_key, sw_batch_size=int(sw_batch_size), mode=mode,
+                   sigma_scale=_hashable(sigma_scale), cval=float(cval), acc_dtype=jnp.dtype(accumulate_dtype),
+                   postprocess=postprocess, mesh=mesh, unroll=bool(unroll))
+    if mesh is not None:
+        predictor_args = sharded.place_params(mesh, tuple(predictor_args))
+    return fn(inputs, tuple(predictor_args), weight)
+
+
+def _on_mesh(x: jax.Array, mesh: Mesh) -> bool:
+    sharding = getattr(x, "sharding", None)
+    return isinstance(sharding, NamedSharding) and sharding.mesh == mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,16 +324,19 @@ class _Post:
 def predict_volume(apply_fn: Callable, variables: Any, volume: jax.Array, roi_size: IntOrSeq, *,
                    sw_batch_size: int = 4, overlap: FloatOrSeq = 0.5, mode: str = "constant",
                    sigma_scale: FloatOrSeq = 0.125, cval: float = 0.0, activation: Optional[str] = None,
-                   argmax: bool = False, threshold: Optional[float] = None, **apply_kwargs) -> jax.Array:
+                   argmax: bool = False, threshold: Optional[float] = None, mesh: Optional[Mesh] = None,
+                   unroll: bool = False, **apply_kwargs) -> jax.Array:
     """Sliding-window prediction of a flax model on ``(B, *spatial, C)`` (or one unbatched ``(*spatial, C)``).
 
     ``activation`` ('softmax' for BTCV, 'sigmoid' for MSD regions, or None) is applied after
     blending, as in the references; then ``argmax=True`` returns int32 labels
     ``(B, *spatial)`` and ``threshold`` returns uint8 masks. ``apply_kwargs`` go to
     ``apply_fn`` (e.g. ``deterministic=True``) and must be hashable. Compiled once per
-    model, shape and options; new ``variables`` reuse the compilation.
+    model, shape and options; new ``variables`` reuse the compilation. ``mesh``: split the windows over its
+    devices (see :func:`sliding_window_inference`).
     """
-    volume = jnp.asarray(volume)
+    volume = volume if isinstance(volume, jax.Array) or mesh is not None else jnp.asarray(volume)
+    volume = volume if hasattr(volume, "ndim") else np.asarray(volume)
     nd = len(roi_size) if not isinstance(roi_size, (int, np.integer)) else volume.ndim - 2
     unbatched = volume.ndim == nd + 1
     if unbatched:
@@ -292,7 +349,8 @@ def predict_volume(apply_fn: Callable, variables: Any, volume: jax.Array, roi_si
     post = _Post(activation, bool(argmax), None if threshold is None else float(threshold))
     out = sliding_window_inference(volume, predictor, roi_size, sw_batch_size=sw_batch_size, overlap=overlap,
                                    mode=mode, sigma_scale=sigma_scale, cval=cval, predictor_args=(variables,),
-                                   postprocess=None if post == _Post(None, False, None) else post)
+                                   postprocess=None if post == _Post(None, False, None) else post, mesh=mesh,
+                                   unroll=unroll)
     return out[0] if unbatched else out
 
 

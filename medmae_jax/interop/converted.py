@@ -10,16 +10,16 @@ conversion's model description (layout, encoder/decoder sizes, what was assumed)
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 
-from medmae_jax import config_base
+from medmae_jax import checkpoint_files as ckpt_lib
+from medmae_jax import config_base, paths
 from medmae_jax.errors import ConversionError
 from medmae_jax.interop.report import ConversionReport
+from medmae_jax.models.builders import encoder_kwargs
 
 MODEL_JSON = "model.json"
 
@@ -89,9 +89,10 @@ def _unetr_sections(c, model_config: Mapping, segmentation) -> None:
 
 def _empty_or_absent(out_dir: str) -> bool:
     """True when ``out_dir`` is to be created (absent); a ConversionError when it exists and is not empty."""
-    if not os.path.exists(out_dir):
+    where = paths.resolve(out_dir)
+    if not where.exists():
         return True
-    if not os.path.isdir(out_dir) or os.listdir(out_dir):
+    if not where.is_dir() or any(where.iterdir()):
         raise ConversionError(f"{out_dir}: the output must be an empty or new folder")
     return False
 
@@ -103,9 +104,7 @@ def save_converted(out_dir: str, params: Any, model_config: Mapping, report: Opt
     ``out_dir`` must be new or empty; a failure part way removes what was written (a new folder entirely).
     ``segmentation``: see :func:`training_config`.
     """
-    from medmae_jax.train import checkpoint as ckpt_lib
-
-    meta = {"step": 0, "seed": 0, "converted_from": os.path.abspath(source),
+    meta = {"step": 0, "seed": 0, "converted_from": str(paths.resolve(source)),
             "layout": model_config.get("layout"), "model": _jsonable(dict(model_config))}
     try:
         meta["config"] = json.loads(training_config(model_config, segmentation).to_json_best_effort())
@@ -116,32 +115,31 @@ def save_converted(out_dir: str, params: Any, model_config: Mapping, report: Opt
     state = {"params": jax.tree.map(np.asarray, params)}
     created = _empty_or_absent(out_dir)
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        mngr = ckpt_lib.manager(os.path.join(out_dir, "checkpoints"), keep=1, async_save=False)
+        paths.resolve(out_dir).mkdir(parents=True, exist_ok=True)
+        mngr = ckpt_lib.manager(paths.join(out_dir, "checkpoints"), keep=1, async_save=False)
         try:
             ckpt_lib.save(mngr, 0, state, meta, force=True)
             mngr.wait_until_finished()
         finally:
             mngr.close()
-        with open(os.path.join(out_dir, MODEL_JSON), "w") as f:
-            json.dump(_jsonable(dict(model_config)), f, indent=2)
+        (paths.resolve(out_dir) / MODEL_JSON).write_text(json.dumps(_jsonable(dict(model_config)), indent=2))
     except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        else:
-            for name in os.listdir(out_dir):
-                shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+        where = paths.resolve(out_dir)
+        for child in ([where] if created else list(where.iterdir())) if where.exists() else []:
+            if child.is_dir():
+                child.rmtree(missing_ok=True)
+            else:
+                child.unlink(missing_ok=True)
         raise
-    return os.path.join(out_dir, "checkpoints")
+    return paths.join(out_dir, "checkpoints")
 
 
 def model_config_for_checkpoint(path: str, meta: Mapping) -> dict:
     """The conversion model description of a checkpoint: ``model.json`` if converted, else from its training config."""
-    candidates = [os.path.join(path, MODEL_JSON), os.path.join(os.path.dirname(os.path.abspath(path)), MODEL_JSON)]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            with open(candidate) as f:
-                return json.load(f)
+    where = paths.resolve(path)
+    for candidate in (where / MODEL_JSON, where.parent / MODEL_JSON):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
     if "model" in meta and isinstance(meta["model"], Mapping):
         return dict(meta["model"])
     train = meta.get("config")
@@ -152,8 +150,6 @@ def model_config_for_checkpoint(path: str, meta: Mapping) -> dict:
 
 def model_config_from_training(train: Mapping) -> dict:
     """Conversion model description of a model trained here (MAE pre-training or classification)."""
-    from medmae_jax.tasks.model_builders import encoder_kwargs
-
     m = train["model"]
     enc = encoder_kwargs(m)
     patch = tuple(enc["patch_size"])

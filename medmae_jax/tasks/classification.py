@@ -13,8 +13,8 @@ reported as NaN, counted in ``num_labels_undefined`` and left out of ``mean_auc`
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -23,14 +23,16 @@ import ml_collections
 import numpy as np
 import optax
 
+from medmae_jax import paths
+from medmae_jax.checkpoint_files import config_from_checkpoint, find_checkpoint, restore_params
 from medmae_jax.data import augment_2d
 from medmae_jax.data.labels import CXR14_LABELS
-from medmae_jax.data.pipeline import evaluation_batches
-from medmae_jax.errors import ConfigError, ConversionError
+from medmae_jax.errors import ConfigError, ConversionError, EncoderMismatchError
+from medmae_jax.evaluate import sharded
 from medmae_jax.evaluate.metrics import AUCResult, roc_auc_per_class
+from medmae_jax.models.builders import dtype, encoder_kwargs, model_input
 from medmae_jax.models.classifier import ViTClassifier
 from medmae_jax.tasks import base
-from medmae_jax.tasks.model_builders import dtype, encoder_kwargs, model_input
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ class ClassificationTask(base.Task):
         host = jax.device_get(params)
         new_encoder, report = _encoder_from(host["encoder"], source, self.grid, path)
         if self.cls.init_strict and (report.missing or report.unused):
-            raise ConversionError(f"{path}: the checkpoint's encoder does not fit the model "
+            raise EncoderMismatchError(f"{path}: the checkpoint's encoder does not fit the model "
                                   f"(set classification.init_strict=False to load it partially)\n{report}")
         log.info("init=%s from %s:\n%s", init, path, report)
         self.init_report = report
@@ -171,19 +173,30 @@ class ClassificationTask(base.Task):
         return loss, {"loss": loss}
 
     # --- evaluation ------------------------------------------------------------------------------------------
-    def predict(self, params: Any, split: Optional[str] = None, source=None, limit: Optional[int] = None):
-        """(labels (N, K), sigmoid scores (N, K), mean BCE) over a split with the evaluation view."""
+    def eval_function(self, mesh):
+        """Evaluation logits jitted for ``mesh`` (rows split over its devices, logits replicated); compiled once
+        per task and mesh, reused every evaluation."""
+        fns = self.__dict__.setdefault("_eval_fns", {})
+        if mesh not in fns:
+            fns[mesh] = jax.jit(lambda p, im: self.logits(p, im, None, False), out_shardings=sharded.replicated(mesh))
+        return fns[mesh]
+
+    def predict(self, params: Any, split: Optional[str] = None, source=None, limit: Optional[int] = None,
+                mesh=None):
+        """(labels (N, K), sigmoid scores (N, K), mean BCE) over a split with the evaluation view, batches split
+        over ``mesh`` (default: all devices), each process loading its rows."""
         if source is None:
             source = self.source(split or self.config.data.eval_split)
         bs = int(self.cls.eval_batch_size or self.config.batch_size)
         limit = limit if limit is not None else (int(self.cls.eval_limit) or None)
-        if getattr(self, "_eval_logits", None) is None:  # one compilation per task, reused every evaluation
-            self._eval_logits = jax.jit(lambda p, im: self.logits(p, im, None, False))
-        fn = self._eval_logits
+        mesh = sharded.default_mesh(mesh)
+        fn = self.eval_function(mesh)
+        params = sharded.place_params(mesh, params)
         labels, scores, losses = [], [], []
-        for batch, real in evaluation_batches(source, bs, self.eval_transform(), limit=limit):
-            logits = np.asarray(fn(params, jnp.asarray(batch["image"])), np.float64)[:real]
-            y = np.asarray(batch["labels"], np.float64)[:real]
+        for batch, real in sharded.eval_batches(source, bs, mesh, self.eval_transform(), limit=limit,
+                                                keys=("image", "labels")):
+            logits = np.asarray(jax.device_get(fn(params, batch["image"])), np.float64)[:real]
+            y = np.asarray(jax.device_get(_replicated(mesh, batch["labels"])), np.float64)[:real]
             labels.append(y)
             scores.append(1.0 / (1.0 + np.exp(-logits)))
             losses.append(np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits))))
@@ -200,12 +213,22 @@ class ClassificationTask(base.Task):
 
     def evaluate(self, params: Any, mesh, step: int) -> dict:
         """Scalar metrics on ``data.eval_split``: mean_auc, auc/<label>, undefined/<label>, counts, eval_loss."""
-        labels, scores, loss = self.predict(params)
+        labels, scores, loss = self.predict(params, mesh=mesh)
         result = self.auc(labels, scores)
         if result.skipped:
             log.warning("step %d: AUC undefined (one class only in %s) for %s; left out of mean_auc", step,
                         self.config.data.eval_split, ", ".join(result.skipped))
         return scalar_metrics(result, loss, len(labels))
+
+
+@functools.lru_cache(maxsize=8)
+def _gather(mesh):
+    return jax.jit(lambda x: x, out_shardings=sharded.replicated(mesh))
+
+
+def _replicated(mesh, x: jax.Array) -> jax.Array:
+    """A row-sharded global array gathered to every device (so every process can read it whole)."""
+    return _gather(mesh)(x)
 
 
 def scalar_metrics(result: AUCResult, loss: float, n: int) -> dict:
@@ -232,14 +255,13 @@ def _as_image(image) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------------
 def load_init_encoder(path: str, encoder_kw: Mapping) -> dict:
     """Params holding an ``encoder`` subtree from an orbax checkpoint / workdir or a PyTorch-layout file."""
-    if os.path.isdir(path):
-        from medmae_jax.train.checkpoint import restore_params
+    if paths.resolve(path).is_dir():
         params, _ = restore_params(path)
         if not isinstance(params, Mapping) or "encoder" not in params:
             keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
             raise ConversionError(f"{path}: the checkpoint's params have no 'encoder' subtree (top level: {keys})")
         return dict(params)
-    if not os.path.exists(path):
+    if not paths.resolve(path).exists():
         raise ConfigError(f"config.init_checkpoint {path!r} does not exist")
     from medmae_jax.interop import vit_layouts
     from medmae_jax.interop.torch_checkpoints import detect_layout, load_state_dict
@@ -269,7 +291,7 @@ def _encoder_from(target_encoder: Mapping, source: Mapping, grid, path: str):
     try:
         return encoder_init_from_mae(target_encoder, source, drop_cls=False, target_grid=grid)
     except ConversionError as err:
-        raise ConversionError(f"{path}: {err}") from err
+        raise EncoderMismatchError(f"{path}: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -284,13 +306,9 @@ def evaluate_checkpoint(config, checkpoint: str, split: str = "test", *, limit: 
     checkpoint, step, num_examples, mean_auc, per_class (None = undefined), undefined_labels,
     num_labels_defined, eval_loss, table (text). Pass ``task`` to reuse its compiled model across calls.
     """
-    from medmae_jax.train.checkpoint import find_checkpoint, restore_params
-
     params, meta = restore_params(checkpoint)
     if config is None:
-        if "config" not in meta:
-            raise ConfigError(f"{checkpoint}: no config saved with the checkpoint; pass --config")
-        config = ml_collections.ConfigDict(meta["config"])
+        config = config_from_checkpoint(checkpoint)
     if not isinstance(params, Mapping) or "head" not in params or "encoder" not in params:
         keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
         raise ConfigError(f"{checkpoint}: not a classifier checkpoint (params top level: {keys})")
@@ -298,7 +316,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str = "test", *, limit: 
     labels, scores, loss = task.predict(params, split, limit=limit)
     result = task.auc(labels, scores)
     directory, step = find_checkpoint(checkpoint)
-    return {"split": split, "checkpoint": os.path.join(directory, str(step)), "step": int(meta.get("step", step)),
+    return {"split": split, "checkpoint": paths.join(directory, str(step)), "step": int(meta.get("step", step)),
             "num_examples": int(len(labels)), "mean_auc": None if not np.isfinite(result.mean) else result.mean,
             "per_class": {n: (float(v) if np.isfinite(v) else None) for n, v in zip(result.names, result.per_class)},
             "undefined_labels": list(result.skipped), "num_labels_defined": len(result.names) - len(result.skipped),

@@ -6,13 +6,15 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from medmae_jax.data import augment
 from medmae_jax.data.pipeline import evaluation_batches
+from medmae_jax.evaluate import sharded
 from medmae_jax.models import mae as mae_lib
+from medmae_jax.models.builders import build_mae, encoder_kwargs, model_input
 from medmae_jax.tasks import base
-from medmae_jax.tasks.model_builders import build_mae, encoder_kwargs, model_input
 
 
 class PretrainTask(base.Task):
@@ -20,6 +22,10 @@ class PretrainTask(base.Task):
     rng_streams = ("masking", "dropout", "droppath")
     best_metric = None
     _summary_fn = None  # jitted reconstruction for summary_images, compiled once
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._eval_fns: dict = {}  # mesh -> jitted eval_losses
 
     def build_model(self):
         return build_mae(self.config.model)
@@ -47,24 +53,36 @@ class PretrainTask(base.Task):
         loss = mae_lib.mae_loss(pred, target, masking.mask)
         return loss, {"loss": loss}
 
-    def losses_and_trivial(self, params: Any, images: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(MAE loss, loss of the trivial patch-mean predictor) on the same masked patches (see mae.trivial_loss)."""
-        pred, masking, x = self.reconstruct(params, images, rng, False)
+    def eval_losses(self, params: Any, images: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(B,) MAE loss and (B,) loss of the trivial patch-mean predictor (see mae.trivial_loss) of each example,
+        with the masks of evaluation batch ``index`` (fixed across evaluations)."""
+        pred, masking, x = self.reconstruct(params, images, jax.random.key(index), False)
         target = mae_lib.patch_targets(x, self.patch_size, self.config.model.norm_pix_loss)
-        return mae_lib.mae_loss(pred, target, masking.mask), mae_lib.trivial_loss(target, masking.mask)
+        trivial = jnp.broadcast_to(target.mean(axis=-1, keepdims=True), target.shape)
+        return (mae_lib.mae_loss_per_example(pred, target, masking.mask),
+                mae_lib.mae_loss_per_example(trivial, target, masking.mask))
+
+    def eval_function(self, mesh):
+        """``eval_losses`` jitted for ``mesh``: rows split over its devices, the losses replicated."""
+        if self._eval_fns.get(mesh) is None:
+            self._eval_fns[mesh] = jax.jit(self.eval_losses, out_shardings=sharded.replicated(mesh))
+        return self._eval_fns[mesh]
 
     def evaluate(self, params: Any, mesh, step: int) -> dict:
         """Mean MAE loss on the evaluation split with fixed masks (the same every evaluation), beside the loss of
-        predicting each masked patch's mean (``eval_trivial_loss``) and their ratio: below 1 is learning."""
+        predicting each masked patch's mean (``eval_trivial_loss``) and their ratio: below 1 is learning. Sharded
+        over the mesh (each process loads its rows); padding rows are left out."""
+        mesh = sharded.default_mesh(mesh)
         source = self.source(self.config.data.eval_split)
-        transform = augment.eval_transform(self.config)
-        loss_fn = jax.jit(self.losses_and_trivial)
+        params = sharded.place_params(mesh, params)
+        fn = self.eval_function(mesh)
         total, trivial, count = 0.0, 0.0, 0
-        for i, (batch, real) in enumerate(evaluation_batches(source, self.config.batch_size, transform, limit=256)):
-            # Padded examples repeat a real one; the per-batch losses are weighted by the real count.
-            loss, base = jax.device_get(loss_fn(params, jnp.asarray(batch["image"][:real]), jax.random.key(i)))
-            total += float(loss) * real
-            trivial += float(base) * real
+        batches = sharded.eval_batches(source, self.config.batch_size, mesh, augment.eval_transform(self.config),
+                                       limit=256, keys=("image",))
+        for i, (batch, real) in enumerate(batches):
+            losses, base = jax.device_get(fn(params, batch["image"], sharded.replicate(mesh, np.int32(i))))
+            total += float(np.sum(np.asarray(losses)[:real], dtype=np.float64))
+            trivial += float(np.sum(np.asarray(base)[:real], dtype=np.float64))
             count += real
         loss, trivial = total / max(count, 1), trivial / max(count, 1)
         out = {"eval_loss": loss, "eval_trivial_loss": trivial}

@@ -57,13 +57,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medmae_jax.checkpoint_files import restore_params
 from medmae_jax.data import transforms
 from medmae_jax.data.labels import label_to_regions, region_definition, regions_to_label
-from medmae_jax.errors import ConfigError
+from medmae_jax.errors import ConfigError, EncoderMismatchError
+from medmae_jax.models.builders import dtype as dtype_of
+from medmae_jax.models.builders import encoder_kwargs
 from medmae_jax.models.unetr import MONAI_SKIP_LAYERS, UNETR
 from medmae_jax.tasks import base
-from medmae_jax.tasks.model_builders import dtype as dtype_of
-from medmae_jax.tasks.model_builders import encoder_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +365,6 @@ class SegmentationTask(base.Task):
         path = self.config.get("init_checkpoint", "")
         if not path:
             raise ConfigError("init=mae needs init_checkpoint= (a pre-training workdir or checkpoint directory)")
-        from medmae_jax.train.checkpoint import restore_params
         source, meta = restore_params(path)
         new_params, report = init_from_mae(params, source, path)
         self.init_report = report
@@ -436,9 +436,10 @@ class SegmentationTask(base.Task):
         return loss, {"loss": loss, **parts}
 
     # --- evaluation ------------------------------------------------------------------------------------------
-    def predict(self, params: Any, image: np.ndarray, *, probabilities: bool = False) -> np.ndarray:
+    def predict(self, params: Any, image: np.ndarray, *, probabilities: bool = False, mesh=None) -> np.ndarray:
         """Sliding-window prediction of one volume ``(*spatial, C)``: labels (multiclass), region masks ``(*spatial,
-        R)`` (regions), or the blended softmax/sigmoid probabilities ``(*spatial, K)`` with ``probabilities``."""
+        R)`` (regions), or the blended softmax/sigmoid probabilities ``(*spatial, K)`` with ``probabilities``.
+        With a ``mesh`` the windows are split over its devices."""
         from medmae_jax.evaluate.sliding_window import predict_volume
         s = self.config.segmentation
         image = np.asarray(image, np.float32)
@@ -451,7 +452,7 @@ class SegmentationTask(base.Task):
             post = {"argmax": True} if s.kind == "multiclass" else {"threshold": float(s.threshold)}
         out = predict_volume(self.model.apply, {"params": params}, image[None], tuple(self.config.model.input_size),
                              sw_batch_size=int(s.sw_batch_size), overlap=float(s.sw_overlap), mode=s.sw_mode,
-                             activation=activation, train=False, **post)
+                             activation=activation, mesh=mesh, train=False, **post)
         out = np.asarray(jax.device_get(out))[0]
         return out.astype(np.uint8) if not probabilities else out
 
@@ -462,7 +463,8 @@ class SegmentationTask(base.Task):
             return {}
         from medmae_jax.evaluate.segmentation_eval import evaluate_split
         result = evaluate_split(self, params, self.config.data.eval_split,
-                                limit=None if int(s.eval_limit) < 0 else int(s.eval_limit), hd95=bool(s.eval_hd95))
+                                limit=None if int(s.eval_limit) < 0 else int(s.eval_limit), hd95=bool(s.eval_hd95),
+                                mesh=mesh)
         return result.scalar_metrics()
 
     def summary_images(self, params: Any, mesh, step: int) -> dict:
@@ -477,7 +479,7 @@ class SegmentationTask(base.Task):
         if label.size == 0 or (s.kind == "regions" and not {"WT", "TC", "ET"} <= set(s.regions)):
             return {}
         image = np.asarray(ex["image"], np.float32)
-        pred = self.predict(params, image if image.ndim == 4 else image[..., None])
+        pred = self.predict(params, image if image.ndim == 4 else image[..., None], mesh=mesh)
         if s.kind == "regions":
             pred = regions_to_label(pred, tuple(s.regions), s.label_convention)
         num_labels = max(int(label.max()), int(pred.max()), self.num_outputs - 1) + 1
@@ -487,7 +489,7 @@ class SegmentationTask(base.Task):
 def init_from_mae(params: Mapping, source: Mapping, where: str = "checkpoint") -> tuple[dict, Any]:
     """UNETR params with ``vit`` replaced by the MAE encoder in ``source`` (an MAE's params ``{encoder, decoder}``,
     a bare ViT encoder, or another model's params with a ``vit`` subtree). Every encoder parameter must be filled
-    and every MAE encoder parameter used (else a ConfigError naming ``where`` and the keys)."""
+    and every MAE encoder parameter used (else an EncoderMismatchError naming ``where`` and the keys)."""
     from medmae_jax.interop.finetune_init import encoder_init_from_mae
     if "vit" not in params:
         raise ConfigError("UNETR params have no 'vit' subtree")
@@ -496,8 +498,8 @@ def init_from_mae(params: Mapping, source: Mapping, where: str = "checkpoint") -
         src = {"encoder": src["vit"]}
     vit, report = encoder_init_from_mae(params["vit"], src)
     if report.missing or report.unused:
-        raise ConfigError(f"{where}: the MAE encoder does not match the UNETR encoder of this config (same width, "
-                          f"depth, heads, patch, qkv_bias and channels are needed):\n{report}")
+        raise EncoderMismatchError(f"{where}: the MAE encoder does not match the UNETR encoder of this config "
+                                   f"(same width, depth, heads, patch, qkv_bias and channels are needed):\n{report}")
     out = dict(params)
     out["vit"] = jax.tree.map(np.asarray, vit)
     return out, report

@@ -1,15 +1,24 @@
 """Metrics as JSON lines (always) and TensorBoard event files (tensorboardX, no TensorFlow): scalars, images and
-the run's config (as text and as hparams)."""
+the run's config (as text and as hparams).
+
+The workdir may be remote (``gs://``, any etils.epath scheme): the JSON lines go through epath (rewritten whole
+where the store cannot append), and TensorBoard writes into a local staging folder whose event files are copied to
+``workdir/tensorboard`` at every flush and at close.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import tempfile
 import time
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+
+from medmae_jax import paths
 
 
 class MetricsWriter:
@@ -17,22 +26,36 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+        self.remote = paths.is_remote(workdir)
+        self.path = paths.join(workdir, "metrics.jsonl")
+        self.tensorboard_dir = paths.join(workdir, "tensorboard")
         self._tb = None
-        if enabled:
-            try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(self.tensorboard_dir)
-            except ImportError:  # JSON lines still work
-                self._tb = None
+        self._staging = None  # local folder TensorBoard writes into when the workdir is remote
+        self._lines: list[str] = []  # remote: the whole file, rewritten at each write
+        if not enabled:
+            return
+        if self.remote:
+            target = paths.resolve(self.path)
+            self._lines = target.read_text().splitlines(keepends=True) if target.exists() else []
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # JSON lines still work
+            return
+        if self.remote:
+            self._staging = tempfile.mkdtemp(prefix="medmae_tb_")
+        self._tb = SummaryWriter(self._staging or self.tensorboard_dir)
 
     def write(self, step: int, metrics: dict, prefix: str = "train"):
         if not self.enabled or not metrics:
             return
         record = {"step": int(step), "split": prefix, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self._lines.append(line)
+            paths.resolve(self.path).write_text("".join(self._lines))
+        else:
+            with paths.resolve(self.path).open("a") as f:
+                f.write(line)
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
@@ -60,10 +83,28 @@ class MetricsWriter:
     def flush(self):
         if self._tb is not None:
             self._tb.flush()
+            self._upload()
 
     def close(self):
         if self._tb is not None:
             self._tb.close()
+            self._upload()
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
+            self._tb = None
+
+    def _upload(self):
+        """Copy the staged event files to the remote ``tensorboard`` folder (whole files: object stores replace)."""
+        if self._staging is None:
+            return
+        target = paths.resolve(self.tensorboard_dir)
+        for root, _, files in os.walk(self._staging):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), self._staging)
+                out = target / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with open(os.path.join(root, name), "rb") as f:
+                    out.write_bytes(f.read())
 
 
 def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

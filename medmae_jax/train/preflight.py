@@ -114,9 +114,23 @@ def check_splits(config) -> None:
                               f"cases, edit splits.json, or set --config.data.{key}=...")
 
 
+def check_init(config) -> None:
+    """A fine-tuning init names a checkpoint that exists (local paths; remote ones are read when used)."""
+    init = config.get("init", "scratch")
+    if init == "scratch":
+        return
+    path = str(config.get("init_checkpoint", "") or "")
+    if not path:
+        raise ConfigError(f"config.init={init!r} needs config.init_checkpoint (a pre-training workdir or checkpoint "
+                          "folder, or a PyTorch file for 'imagenet')")
+    if "://" not in path and not os.path.exists(path):
+        raise ConfigError(f"config.init_checkpoint {path!r} does not exist")
+
+
 def check_before_training(config, num_devices: int) -> None:
     """All checks, cheapest first."""
     check_mesh(config, num_devices)
+    check_init(config)
     check_roi(config)
     if config.data.name in ("nifti_collection", "image_folder"):
         check_collection(config)

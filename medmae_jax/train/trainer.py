@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import time
 from typing import Any, Optional
@@ -27,14 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medmae_jax import console
+from medmae_jax import console, paths
 from medmae_jax.data import pipeline
-from medmae_jax.errors import NonFiniteError
+from medmae_jax.errors import ConfigError, NonFiniteError
 from medmae_jax.tasks import get_task
 from medmae_jax.train import checkpoint as ckpt_lib
 from medmae_jax.train import distributed, optim, preflight
 from medmae_jax.train import mesh as mesh_lib
 from medmae_jax.train.metrics_writer import MetricsWriter
+
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -74,7 +75,7 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the current step and stopping")
+        log.warning("SIGTERM received: saving a checkpoint at the current step and stopping")
         self.requested = True
 
     def __exit__(self, *exc):
@@ -201,25 +202,38 @@ class Trainer:
                 "config": json.loads(self.config.to_json_best_effort())}
 
     def run(self) -> TrainResult:
+        """Train; a run that fails before its first save leaves no empty ``checkpoints/`` behind."""
+        paths.resolve(self.workdir).mkdir(parents=True, exist_ok=True)
+        directory = paths.resolve(self.workdir) / "checkpoints"
+        existed = directory.is_dir()
+        mngr = ckpt_lib.manager(str(directory), keep=self.config.checkpoint.keep,
+                                async_save=self.config.checkpoint.async_save)
+        try:
+            return self._run(mngr)
+        except BaseException:
+            try:
+                mngr.close()
+            finally:
+                if not existed and jax.process_index() == 0 and directory.is_dir() and not any(directory.iterdir()):
+                    directory.rmdir()
+            raise
+
+    def _run(self, mngr) -> TrainResult:
         config, workdir = self.config, self.workdir
-        os.makedirs(workdir, exist_ok=True)
-        mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
         latest = mngr.latest_step()
         if latest is not None:
             abstract = ckpt_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
             state, meta = ckpt_lib.restore(mngr, latest, abstract)
             if meta.get("seed") != config.seed:
-                raise ValueError(f"{workdir}: checkpoint was written with seed {meta.get('seed')}, config has "
+                raise ConfigError(f"{workdir}: checkpoint was written with seed {meta.get('seed')}, config has "
                                  f"{config.seed}; use a new workdir or the same seed")
-            logging.info("resumed from step %d in %s", latest, workdir)
+            log.info("resumed from step %d in %s", latest, workdir)
         else:
             state = self.init_state()
         start = int(jax.device_get(state.step))
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
         if start == 0 and jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+            (paths.resolve(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
         writer.write_config(config.to_json_best_effort(indent=2), start)
         base_rng = self.base_rng
         losses: list[float] = []
@@ -299,7 +313,7 @@ class Trainer:
         metrics = self.task.evaluate(state.params, self.mesh, step)
         if metrics:
             writer.write(step, metrics, prefix="eval")
-            logging.info("step %d eval: %s", step, metrics)
+            log.info("step %d eval: %s", step, metrics)
             self._keep_best(state, step, metrics)
             if self.config.get("summary_images", True):
                 # Outside the step loop and the task's math: the task draws, process 0's writer writes.
@@ -313,7 +327,7 @@ class Trainer:
         value = metrics.get(name) if name else None
         if value is None or not np.isfinite(value):
             return
-        best_dir = os.path.join(self.workdir, "best")
+        best_dir = paths.join(self.workdir, "best")
         mngr = ckpt_lib.manager(best_dir, keep=1, async_save=False)
         try:
             latest = mngr.latest_step()
@@ -323,7 +337,7 @@ class Trainer:
                     return
             meta = dict(self.meta(step), best={"metric": name, "value": float(value), "mode": mode})
             ckpt_lib.save(mngr, step, state, meta, force=True)
-            logging.info("step %d: new best %s = %.4f saved in %s", step, name, value, best_dir)
+            log.info("step %d: new best %s = %.4f saved in %s", step, name, value, best_dir)
         finally:
             mngr.wait_until_finished()
             mngr.close()

@@ -125,7 +125,7 @@ def preprocess(image_path: str, label_path: Optional[str], config: BtcvConfig) -
     return {"image": image, "label": label, "has_label": case.label is not None, **geometry.to_features()}
 
 
-class Btcv(tfds.core.GeneratorBasedBuilder):
+class Btcv(tfds_utils.QuietPrepare, tfds.core.GeneratorBasedBuilder):
     """BTCV abdominal CT, 13 organs; manual download, preprocessed at build time."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from medmae_jax.data import png
+from medmae_jax.data.datasets import tfds_utils
 from medmae_jax.data.labels import CXR14_LABELS
 from medmae_jax.errors import ConfigError, DataError
 
@@ -367,7 +368,7 @@ def _ordered_parallel_map(fn, items: Sequence[Any], workers: int) -> Iterator[An
 # The TFDS builder
 
 
-class ChestXray14(tfds.core.GeneratorBasedBuilder):
+class ChestXray14(tfds_utils.QuietPrepare, tfds.core.GeneratorBasedBuilder):
     """NIH ChestX-ray14 (manual download): resized 8-bit gray images with 14 multi-hot labels."""
 
     name = NAME

@@ -101,7 +101,7 @@ def as_collection(root: str, images: dict[str, str], labels: dict, patients: dic
     return Collection(root, "images", cases, ("gray",), {})
 
 
-class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class ImageFolder(tfds_utils.QuietPrepare, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """2-D images resized at build time, multi-hot labels; splits from ``splits.json``."""
 
     VERSION = tfds.core.Version("1.0.0")

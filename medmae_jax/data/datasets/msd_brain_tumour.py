@@ -159,7 +159,7 @@ def _case_id(path: str) -> str:
     return name
 
 
-class MsdBrainTumour(tfds.core.GeneratorBasedBuilder):
+class MsdBrainTumour(tfds_utils.QuietPrepare, tfds.core.GeneratorBasedBuilder):
     """MSD Task01 brain tumour MRI, 4 channels; manual download, preprocessed at build time."""
 
     VERSION = tfds.core.Version("1.0.0")

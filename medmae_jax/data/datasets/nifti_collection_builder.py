@@ -105,7 +105,7 @@ def preprocess(case: CollectionCase, class_values: list[int], prep: Preprocessin
             "has_label": case.label is not None, **geometry.to_features()}
 
 
-class NiftiCollection(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class NiftiCollection(tfds_utils.QuietPrepare, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Any NIfTI collection (datalist, nnU-Net or plain folder); splits from ``splits.json``."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -20,11 +20,24 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from medmae_jax.console import quiet_library_logs
 from medmae_jax.errors import DataError
 
 log = logging.getLogger(__name__)
+quiet_library_logs()  # reading image features would log TFDS's "OpenCV is not installed" advice
 
 FILE_FORMAT = "array_record"
+
+
+class QuietPrepare:
+    """Builder mixin: none of TFDS's bold "Downloading and preparing dataset Unknown size ..." / "downloaded and
+    prepared" lines on stdout (nothing is downloaded; ``medmae-jax build`` prints its own one-line summary)."""
+
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
 
 def array_feature(shape: Sequence[Optional[int]], dtype, *, doc: str = "",
