@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "auto"         # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
     c.model.param_dtype = "float32"  # storage dtype of parameters (optimizer state and weight gradients follow)
     c.model.attention = "auto"     # attention kernel: auto (cuDNN on GPU in 16-bit, XLA elsewhere) | xla | cudnn
+    c.model.scan_blocks = False    # nn.scan over encoder/decoder blocks: compiles once, same checkpoint layout
     c.model.decoder_width = 512    # MAE decoder width
     c.model.decoder_depth = 8      # MAE decoder blocks
     c.model.decoder_heads = 16     # MAE decoder heads

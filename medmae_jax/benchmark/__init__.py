@@ -76,7 +76,7 @@ def worker_env(threads: int, base: Optional[dict] = None) -> dict:
 
 
 def _absolute_config(spec: str) -> str:
-    """The config file as an absolute path for the worker process (a shipped config's name resolved first)."""
+    """The config spec with its file made absolute (workers run elsewhere); a shipped name becomes its file."""
     path, colon, arg = spec.partition(":")
     return os.path.abspath(resolve_config_path(path)) + colon + arg
 

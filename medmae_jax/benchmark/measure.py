@@ -224,7 +224,7 @@ def load_average() -> Optional[float]:
 # --------------------------------------------------------------------------------------------------------------
 def mae_description(config) -> dict:
     """Sizes of the MAE that ``config.model`` builds (the JAX model; the MONAI peer is built from the same)."""
-    from medmae_jax.tasks.model_builders import build_mae
+    from medmae_jax.models.builders import build_mae
     mae = build_mae(config.model)
     enc = dict(mae.encoder)
     patch = tuple(int(p) for p in enc["patch_size"])
@@ -269,8 +269,8 @@ def unetr_module(config, num_classes: int, feature_size: int):
         from medmae_jax.models.unetr import UNETR
         if isinstance(model, UNETR):
             return model
+    from medmae_jax.models.builders import dtype, encoder_kwargs
     from medmae_jax.models.unetr import UNETR
-    from medmae_jax.tasks.model_builders import dtype, encoder_kwargs
     enc = encoder_kwargs(config.model)
     encoder = {k: enc[k] for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size")}
     return UNETR(out_channels=int(num_classes), encoder=encoder, feature_size=int(feature_size),

@@ -46,7 +46,7 @@ class Task:
 
     def model_depth(self) -> int:
         """Encoder depth (for layer-wise lr decay)."""
-        from medmae_jax.tasks.model_builders import encoder_kwargs
+        from medmae_jax.models.builders import encoder_kwargs
         return encoder_kwargs(self.config.model)["depth"]
 
     def initial_params(self, params: Any) -> Any:

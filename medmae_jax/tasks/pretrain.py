@@ -13,8 +13,8 @@ from medmae_jax.data import augment
 from medmae_jax.data.pipeline import evaluation_batches
 from medmae_jax.evaluate import sharded
 from medmae_jax.models import mae as mae_lib
+from medmae_jax.models.builders import build_mae, encoder_kwargs, model_input
 from medmae_jax.tasks import base
-from medmae_jax.tasks.model_builders import build_mae, encoder_kwargs, model_input
 
 
 class PretrainTask(base.Task):

@@ -57,13 +57,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medmae_jax.checkpoint_files import restore_params
 from medmae_jax.data import transforms
 from medmae_jax.data.labels import label_to_regions, region_definition, regions_to_label
-from medmae_jax.errors import ConfigError
+from medmae_jax.errors import ConfigError, EncoderMismatchError
+from medmae_jax.models.builders import dtype as dtype_of
+from medmae_jax.models.builders import encoder_kwargs
 from medmae_jax.models.unetr import MONAI_SKIP_LAYERS, UNETR
 from medmae_jax.tasks import base
-from medmae_jax.tasks.model_builders import dtype as dtype_of
-from medmae_jax.tasks.model_builders import encoder_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +365,6 @@ class SegmentationTask(base.Task):
         path = self.config.get("init_checkpoint", "")
         if not path:
             raise ConfigError("init=mae needs init_checkpoint= (a pre-training workdir or checkpoint directory)")
-        from medmae_jax.train.checkpoint import restore_params
         source, meta = restore_params(path)
         new_params, report = init_from_mae(params, source, path)
         self.init_report = report
@@ -489,7 +489,7 @@ class SegmentationTask(base.Task):
 def init_from_mae(params: Mapping, source: Mapping, where: str = "checkpoint") -> tuple[dict, Any]:
     """UNETR params with ``vit`` replaced by the MAE encoder in ``source`` (an MAE's params ``{encoder, decoder}``,
     a bare ViT encoder, or another model's params with a ``vit`` subtree). Every encoder parameter must be filled
-    and every MAE encoder parameter used (else a ConfigError naming ``where`` and the keys)."""
+    and every MAE encoder parameter used (else an EncoderMismatchError naming ``where`` and the keys)."""
     from medmae_jax.interop.finetune_init import encoder_init_from_mae
     if "vit" not in params:
         raise ConfigError("UNETR params have no 'vit' subtree")
@@ -498,8 +498,8 @@ def init_from_mae(params: Mapping, source: Mapping, where: str = "checkpoint") -
         src = {"encoder": src["vit"]}
     vit, report = encoder_init_from_mae(params["vit"], src)
     if report.missing or report.unused:
-        raise ConfigError(f"{where}: the MAE encoder does not match the UNETR encoder of this config (same width, "
-                          f"depth, heads, patch, qkv_bias and channels are needed):\n{report}")
+        raise EncoderMismatchError(f"{where}: the MAE encoder does not match the UNETR encoder of this config "
+                                   f"(same width, depth, heads, patch, qkv_bias and channels are needed):\n{report}")
     out = dict(params)
     out["vit"] = jax.tree.map(np.asarray, vit)
     return out, report

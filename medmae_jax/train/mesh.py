@@ -22,6 +22,8 @@ from jax.sharding import PartitionSpec as P
 
 from medmae_jax.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
@@ -101,7 +103,7 @@ def _spec_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, 
         else:
             if axes and (name, dim) not in _warned:
                 _warned.add((name, dim))
-                logging.info("axis %s of size %d is not divisible by mesh axes %s; kept replicated", name, dim, axes)
+                log.info("axis %s of size %d is not divisible by mesh axes %s; kept replicated", name, dim, axes)
             spec.append(None)
     return P(*spec)
 
