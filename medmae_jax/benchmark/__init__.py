@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 from medmae_jax.benchmark import measure
 from medmae_jax.benchmark.measure import count_matmul_flops, mae_matmul_flops, peak_tflops, xla_flops
+from medmae_jax.config_loading import resolve_config_path
 from medmae_jax.errors import ConfigError, MedMAEError
 from medmae_jax.models.precision import dtype_name
 
@@ -75,8 +76,9 @@ def worker_env(threads: int, base: Optional[dict] = None) -> dict:
 
 
 def _absolute_config(spec: str) -> str:
+    """The config spec with its file made absolute (workers run elsewhere); a shipped name becomes its file."""
     path, colon, arg = spec.partition(":")
-    return os.path.abspath(path) + colon + arg
+    return os.path.abspath(resolve_config_path(path)) + colon + arg
 
 
 def examples_per_batch_item(config, jax_mode: str) -> int:
