@@ -30,7 +30,8 @@ def open_source(data: Mapping, split: str):
         num = data["num_train"] if split == "train" else data["num_eval"]
         seed = data.get("seed", 0) + _SPLIT_SEED_OFFSET[split]
         if name == "synthetic2d":
-            return synthetic.SyntheticChest2D(num, data["image_size"][0], seed)
+            return synthetic.SyntheticChest2D(num, data["image_size"][0], seed, noise=data.get("synthetic_noise", 1.0),
+                                              shading=data.get("synthetic_shading", 0.0))
         return synthetic.SyntheticPhantom3D(num, tuple(data["volume_size"]), seed)
     if name in IN_MEMORY:
         return IN_MEMORY[name](data, split)
