@@ -251,19 +251,10 @@ def mae_analytic_flops(desc: Mapping[str, Any]) -> dict[str, int]:
                             cls_token=desc["cls_token"])
 
 
-def segmentation_task_available() -> bool:
-    """Whether ``medmae_jax.tasks.segmentation`` exists and imports."""
-    try:
-        import medmae_jax.tasks.segmentation  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def unetr_module(config, num_classes: int, feature_size: int):
     """The UNETR to benchmark: the segmentation task's model when that task runs ``config``, else a MONAI-default
     UNETR with ``config.model``'s ViT sizes (width, depth, heads, MLP, patch 16), input size and channels."""
-    if config.task == "segmentation" and segmentation_task_available():
+    if config.task == "segmentation":
         from medmae_jax.tasks import get_task
         model = get_task(config).model
         from medmae_jax.models.unetr import UNETR

@@ -30,7 +30,6 @@ BATCH_AXES = ("data", "fsdp")
 # Logical axis -> mesh axis (or None). Parameters are sharded over 'fsdp' along their embedding axis; with
 # fsdp=1 that is replication, so one table serves replicated, data-parallel and FSDP runs.
 DEFAULT_RULES = (
-    ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("decoder_embed", "fsdp"),
     ("mlp", None),
