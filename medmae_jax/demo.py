@@ -57,7 +57,7 @@ def get_config(arg: str | None = None):
         c.batch_size = 32
         c.optimizer.base_lr = 8e-3     # effective 1e-3 at batch 32
         c.optimizer.warmup_steps = 40
-        c.num_train_steps = 600
+        c.num_train_steps = 1000
     if args.quick:
         c.num_train_steps = 12
         c.model.depth, c.model.decoder_depth = 1, 1

@@ -33,8 +33,7 @@ def test_quick_demo_reports_the_trivial_loss_and_draws_the_raw_prediction(capsys
 def test_demo_beats_the_trivial_predictor_within_ten_minutes(capsys, tmp_path):
     summary, _, wall = _demo(capsys, tmp_path)
     assert wall < 600, wall
-    # 3-D reaches the 0.8 target; 2-D ends at ~0.88 of its trivial loss in its 600 steps (target 0.8, not met yet).
-    for kind, bound in (("2d", 0.9), ("3d", 0.8)):
+    for kind in ("2d", "3d"):
         s = summary[kind]
         assert s["trivial_loss"] > 0.5, s  # textured data: the trivial answer is far from perfect
-        assert s["eval_loss"] <= bound * s["trivial_loss"], (kind, s)
+        assert s["eval_loss"] <= 0.8 * s["trivial_loss"], (kind, s)
