@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
+from medmae_jax.config_loading import config_from_args
 from medmae_jax.data.augment import eval_transform
 from medmae_jax.data.datasets.chestxray14 import TEST_LIST, TRAIN_VAL_LIST
 from medmae_jax.data.labels import CXR14_LABELS
@@ -30,8 +32,10 @@ from medmae_jax.interop.monai_unetr import infer_monai_unetr_config
 from medmae_jax.interop.torch_checkpoints import load_state_dict
 from medmae_jax.main import main
 from medmae_jax.models.unetr import UNETR
+from medmae_jax.tasks import get_task
 from medmae_jax.tasks.classification import ClassificationTask
 from medmae_jax.tasks.pretrain import PretrainTask
+from medmae_jax.train import mesh as mesh_lib
 from medmae_jax.train.checkpoint import find_checkpoint, restore_params
 from medmae_jax.visualize import save_reconstruction_figure
 
@@ -156,8 +160,8 @@ def show_images(*paths, width: Optional[int] = None):
         display(Image(filename=str(f), width=width))
 
 
-def table(rows: Sequence[Mapping], columns: Optional[Sequence[str]] = None, digits: int = 3) -> str:
-    """Rows of dicts as a fixed-width text table (printed and returned)."""
+def table(rows: Sequence[Mapping], columns: Optional[Sequence[str]] = None, digits: int = 3) -> None:
+    """Print rows of dicts as a fixed-width text table."""
     columns = list(columns or (rows[0].keys() if rows else []))
 
     def fmt(v):
@@ -170,9 +174,7 @@ def table(rows: Sequence[Mapping], columns: Optional[Sequence[str]] = None, digi
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(columns, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    text = "\n".join(lines)
-    print(text)
-    return text
+    print("\n".join(lines))
 
 
 def all_finite(values: Iterable) -> bool:
@@ -408,3 +410,19 @@ def unetr_difference_to_torch(torch_file, converted, num_heads: int, seed: int =
     diff = float(np.max(np.abs(got - want)))
     print(f"max |logit difference| JAX vs PyTorch: {diff:.3g} (logits up to {float(np.max(np.abs(want))):.3g})")
     return diff
+
+
+def parameter_bytes(config_spec: str, data: int, fsdp: int, overrides: Sequence[str] = ()) -> dict:
+    """Parameter bytes of a config's model in all and on the most loaded device under a ``data x fsdp`` mesh
+    (from the shapes alone: nothing is allocated). AdamW keeps two more arrays of each, sharded the same way."""
+    config = config_from_args(config_spec, [*overrides, f"mesh.data={data}", f"mesh.fsdp={fsdp}"])
+    boxed = jax.eval_shape(get_task(config).init_variables, jax.random.key(0))
+    mesh = mesh_lib.make_mesh(config.mesh)
+    shardings = mesh_lib.tree_shardings(boxed["params"], mesh, mesh_lib.rules_from_config(config.sharding_rules))
+    leaves = jax.tree.leaves(nn.unbox(boxed["params"]))
+    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
+    placed = jax.tree.leaves(shardings, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding))
+    per_device = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(leaves, placed))
+    return {"mesh": f"data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}", "devices": int(mesh.devices.size),
+            "params MiB": total / 2**20, "params MiB per device": per_device / 2**20,
+            "params+AdamW MiB per device": 3 * per_device / 2**20}
