@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from medmae_jax.data import nifti
 from medmae_jax.data.labels import BTCV_8_ORGANS, BTCV_LABELS, REGIONS, class_names
 from medmae_jax.evaluate import metrics as metrics_lib
 
@@ -165,7 +166,6 @@ def report_order(config) -> tuple[tuple[str, ...], list[int]]:
 
 
 def _geometry(example):
-    from medmae_jax.data import nifti
     if "original_affine" not in example or "crop_box" not in example:
         return None
     return nifti.Geometry.from_features(example)
@@ -244,7 +244,6 @@ def evaluate_split(task, params: Any, split: str, *, limit: Optional[int] = None
     further columns, like the paper's scratch-vs-MAE figures. ``mesh``: split each case's windows over its
     devices (every process reads the case; the prediction comes back to each).
     """
-    from medmae_jax.data import nifti
     config = task.config
     s = config.segmentation
     names, channels = report_order(config)

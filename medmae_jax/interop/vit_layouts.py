@@ -25,7 +25,7 @@ Layouts (names as in :func:`medmae_jax.interop.torch_checkpoints.detect_layout`)
   without bias) uses the same names and is accepted too.
 * ``selfmedmae-unetr``: SelfMedMAE ``UNETR3D``: ``encoder.*`` is a timm-style ViT with a
   cls token and a learnable ``encoder.pos_embed`` (1, L+1, D); ``decoder.*`` is MONAI's
-  UNETR decoder, converted by :mod:`medmae_jax.interop.monai_unetr` when that module is present.
+  UNETR decoder, converted by :mod:`medmae_jax.interop.monai_unetr`.
 
 Each layout has ``to_jax(state_dict, *, strict=False, config=None, **hints) -> (params,
 config, ConversionReport)`` and ``to_torch(params, config) -> dict[str, np.ndarray]``.
@@ -63,6 +63,7 @@ from medmae_jax.interop.key_maps import (
     EncoderKeys,
     _Reader,
 )
+from medmae_jax.interop.monai_unetr import import_monai_unetr, jax_to_monai_unetr, monai_unetr_to_jax
 from medmae_jax.interop.report import ConversionReport
 from medmae_jax.interop.torch_checkpoints import detect_layout, load_state_dict, save_state_dict
 from medmae_jax.interop.weight_transforms import (
@@ -76,6 +77,9 @@ from medmae_jax.interop.weight_transforms import (
     dense_to_linear,
     linear_to_dense,
 )
+from medmae_jax.models.classifier import ViTClassifier
+from medmae_jax.models.mae import MAE
+from medmae_jax.models.vit import ViT
 
 
 # --------------------------------------------------------------------------
@@ -336,11 +340,6 @@ class SelfMedMAEUNETRLayout(Layout):
         out = _encoder_to_torch(vit, self.enc_keys, config, self.name)
         decoder = {k: v for k, v in params.items() if k not in ("vit", "encoder")}
         if decoder:
-            try:
-                from medmae_jax.interop.monai_unetr import jax_to_monai_unetr
-            except ImportError as err:
-                raise ConversionError(f"{self.name}: writing the UNETR decoder needs "
-                                      "medmae_jax.interop.monai_unetr") from err
             sd = jax_to_monai_unetr(_strip_vit_for_monai(params))
             out.update({"decoder." + k: v for k, v in sd.items() if not k.startswith("vit.")})
         return out
@@ -353,7 +352,6 @@ def _convert_unetr_decoder(decoder_sd: Mapping[str, Any], vit: Mapping, enc: Map
     already converted encoder (without its cls token, which MONAI's UNETR lacks) so the
     decoder's shapes are checked against it.
     """
-    from medmae_jax.interop.monai_unetr import monai_unetr_to_jax
 
     vit_sd = MonaiViTLayout().to_torch({"encoder": _strip_vit_for_monai({"vit": vit})["vit"]}, {})
     full = {"vit." + k: v for k, v in vit_sd.items()}
@@ -380,13 +378,11 @@ class MonaiUNETRLayout(Layout):
     model = "unetr"
 
     def to_jax(self, state_dict, *, strict=False, config=None, **hints):
-        from medmae_jax.interop.monai_unetr import import_monai_unetr
 
         _check_hints(hints)
         return import_monai_unetr(state_dict, strict=strict, config=config, **hints)
 
     def to_torch(self, params, config=None):
-        from medmae_jax.interop.monai_unetr import jax_to_monai_unetr
 
         return jax_to_monai_unetr(params)
 
@@ -468,14 +464,11 @@ def build_model(config: Mapping, **overrides):
     kw.update(overrides)
     model = config.get("model", "vit")
     if model == "mae":
-        from medmae_jax.models.mae import MAE
 
         return MAE(**kw)
     if model == "classifier":
-        from medmae_jax.models.classifier import ViTClassifier
 
         return ViTClassifier(**kw)
-    from medmae_jax.models.vit import ViT
 
     return ViT(**kw)
 

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from medmae_jax.errors import ConfigError, EncoderMismatchError
+from medmae_jax.interop.finetune_init import encoder_init_from_mae
 from medmae_jax.models.builders import dtype as dtype_of
 from medmae_jax.models.builders import encoder_kwargs
 from medmae_jax.models.unetr import UNETR
@@ -55,7 +56,6 @@ def init_from_mae(params: Mapping, source: Mapping, where: str = "checkpoint") -
     """UNETR params with ``vit`` replaced by the MAE encoder in ``source`` (an MAE's params ``{encoder, decoder}``,
     a bare ViT encoder, or another model's params with a ``vit`` subtree). Every encoder parameter must be filled
     and every MAE encoder parameter used (else an EncoderMismatchError naming ``where`` and the keys)."""
-    from medmae_jax.interop.finetune_init import encoder_init_from_mae
     if "vit" not in params:
         raise ConfigError("UNETR params have no 'vit' subtree")
     src = dict(source)

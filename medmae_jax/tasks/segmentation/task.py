@@ -12,6 +12,8 @@ import numpy as np
 from medmae_jax.checkpoint_files import restore_params
 from medmae_jax.data.labels import label_to_regions, region_definition, regions_to_label
 from medmae_jax.errors import ConfigError
+from medmae_jax.evaluate.segmentation_eval import evaluate_split
+from medmae_jax.evaluate.sliding_window import predict_volume
 from medmae_jax.models.fast_init import fast_init_key
 from medmae_jax.tasks import base
 from medmae_jax.tasks.segmentation.losses import dice_ce_loss, sigmoid_dice_bce_loss, sigmoid_dice_loss
@@ -152,7 +154,6 @@ class SegmentationTask(base.Task):
         """Sliding-window prediction of one volume ``(*spatial, C)``: labels (multiclass), region masks ``(*spatial,
         R)`` (regions), or the blended softmax/sigmoid probabilities ``(*spatial, K)`` with ``probabilities``.
         With a ``mesh`` the windows are split over its devices."""
-        from medmae_jax.evaluate.sliding_window import predict_volume
         s = self.config.segmentation
         image = np.asarray(image, np.float32)
         want = self.config.model.in_channels
@@ -173,7 +174,6 @@ class SegmentationTask(base.Task):
         s = self.config.segmentation
         if int(s.eval_limit) == 0:
             return {}
-        from medmae_jax.evaluate.segmentation_eval import evaluate_split
         result = evaluate_split(self, params, self.config.data.eval_split,
                                 limit=None if int(s.eval_limit) < 0 else int(s.eval_limit), hd95=bool(s.eval_hd95),
                                 mesh=mesh)
