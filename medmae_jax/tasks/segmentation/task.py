@@ -181,7 +181,7 @@ class SegmentationTask(base.Task):
 
     def summary_images(self, params: Any, mesh, step: int) -> dict:
         """Image / ground truth / prediction of the first evaluation case (the same case every evaluation)."""
-        from medmae_jax import summaries
+        from medmae_jax import summaries  # matplotlib only when drawing
         s = self.config.segmentation
         source = self.source(self.config.data.eval_split)
         if len(source) == 0:
