@@ -43,7 +43,6 @@ Weight layouts: torch Linear (out, in) <-> Dense (in, out); conv (out, in, *k) <
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -425,20 +424,6 @@ def export_checkpoint(params: Any, config: Mapping, path, layout: Optional[str] 
     return save_state_dict(to_torch(params, config, layout), path)
 
 
-def conversion_hints(config: Mapping) -> dict:
-    """Hints that make ``to_jax`` rebuild exactly ``config`` (what the weights alone cannot tell)."""
-    hints = dict(num_heads=config["encoder"]["num_heads"], layer_norm_eps=config["encoder"]["layer_norm_eps"])
-    if config.get("grid") is not None:
-        hints["grid"] = tuple(config["grid"])
-    if config["encoder"].get("patch_embed") == "perceptron":
-        hints.update(patch_size=tuple(config["encoder"]["patch_size"]), in_channels=config["in_channels"])
-    if config.get("decoder"):
-        hints["decoder_heads"] = config["decoder"]["num_heads"]
-    if config.get("head"):
-        hints["pooling"] = config["head"]["pooling"]
-    return hints
-
-
 def model_kwargs(config: Mapping) -> dict:
     """Keyword arguments of the project model a config describes (ViT / MAE / ViTClassifier)."""
     enc = dict(config["encoder"])
@@ -471,7 +456,3 @@ def build_model(config: Mapping, **overrides):
         return ViTClassifier(**kw)
 
     return ViT(**kw)
-
-
-def copy_config(config: Mapping) -> dict:
-    return copy.deepcopy(dict(config))
