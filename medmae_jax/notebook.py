@@ -11,9 +11,8 @@ import io
 import json
 import math
 import os
-import sys
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -44,11 +43,6 @@ class NotebookError(MedMAEError):
     """A notebook step failed: the command, its exit code and the end of its error output."""
 
 
-def quick_mode() -> bool:
-    """``MEDMAE_QUICK`` (default on): the ``:quick`` configs and small files, so a notebook runs on 2 CPU cores."""
-    return os.environ.get("MEDMAE_QUICK", "1") == "1"
-
-
 def shared_data(start: Optional[str] = None) -> Optional[Path]:
     """The project's small real files: ``shared/data`` beside the repository (searched upward from ``start``)."""
     here = Path(start or os.getcwd()).resolve()
@@ -56,15 +50,6 @@ def shared_data(start: Optional[str] = None) -> Optional[Path]:
         candidate = folder / "shared" / "data"
         if candidate.is_dir():
             return candidate
-    return None
-
-
-def repo_root(start: Optional[str] = None) -> Optional[Path]:
-    """The repository checkout holding ``configs/`` (searched upward from ``start``), if the notebook runs in one."""
-    here = Path(start or os.getcwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "configs").is_dir() and (folder / "medmae_jax").is_dir():
-            return folder
     return None
 
 
@@ -177,11 +162,6 @@ def table(rows: Sequence[Mapping], columns: Optional[Sequence[str]] = None, digi
     print("\n".join(lines))
 
 
-def all_finite(values: Iterable) -> bool:
-    """True when every number is finite (None counts as not finite)."""
-    return all(v is not None and math.isfinite(float(v)) for v in values)
-
-
 def reconstruction_panel(checkpoint, output, num_images: int = 4, seed: int = 0) -> str:
     """The Figure 2 panel (original / masked / reconstruction) of an MAE checkpoint on its own evaluation split."""
     params, meta = restore_params(str(checkpoint))
@@ -198,12 +178,6 @@ def reconstruction_panel(checkpoint, output, num_images: int = 4, seed: int = 0)
                                task.patch_size, bool(config.model.norm_pix_loss),
                                title=f"MAE step {step}, mask ratio {config.model.mask_ratio:g}")
     return str(output)
-
-
-def echo(*parts):
-    """Print and flush (cell output order stays right when commands print too)."""
-    print(*parts)
-    sys.stdout.flush()
 
 
 def segmentation_table(results: Mapping[str, str], digits: int = 3) -> list[dict]:

@@ -64,6 +64,34 @@ def test_roc_points_match_scikit_learn():
     assert area_under(fpr, tpr) == pytest.approx(metrics.roc_auc_score(labels, scores), abs=1e-12)
 
 
+def test_cli_returns_the_json_record_and_names_a_failure(tmp_path, capsys):
+    from medmae_jax import notebook as nb
+
+    assert nb._last_json('{"a": 1}\n{\n  "b": [1,\n 2]\n}\nwrote x\n') == {"b": [1, 2]}
+    with pytest.raises(nb.NotebookError, match="exited with 2: .*no_such_config"):
+        nb.cli("train", "--config", "no_such_config", "--workdir", tmp_path)
+
+
+def test_chestxray14_folder_is_patient_disjoint_and_names_bad_tables(tmp_path):
+    from medmae_jax import notebook as nb
+
+    images = tmp_path / "png"
+    images.mkdir()
+    head = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
+    rows = [f"{p:08d}_{k:03d}.png,No Finding,{k},{p},50,M,PA\n" for p in (1, 2, 3) for k in (0, 1)]
+    for r in rows:
+        (images / r.split(",")[0]).write_bytes(b"")
+    (tmp_path / "labels.csv").write_text(head + "".join(rows))
+    out = nb.chestxray14_folder(tmp_path / "labels.csv", images, tmp_path / "nih", test_every=2)
+    test = (out / "test_list.txt").read_text().split()
+    train = (out / "train_val_list.txt").read_text().split()
+    assert sorted(test + train) == sorted(r.split(",")[0] for r in rows)
+    assert {t[:8] for t in test}.isdisjoint({t[:8] for t in train}) and len(test) == 4
+    (tmp_path / "bad.csv").write_text("Image Index,Finding Labels\nx.png,No Finding\n")
+    with pytest.raises(nb.NotebookError, match=r"bad\.csv: no column\(s\) Follow-up #"):
+        nb.chestxray14_folder(tmp_path / "bad.csv", images, tmp_path / "nih2")
+
+
 def _text_outputs(cell) -> str:
     parts = []
     for out in cell.get("outputs", []):

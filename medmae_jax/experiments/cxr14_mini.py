@@ -34,6 +34,8 @@ import numpy as np
 from medmae_jax import config_base
 from medmae_jax.data.datasets.nih1000 import OVERLAP_POLICIES, load_nih1000
 from medmae_jax.errors import ConfigError, DataError
+from medmae_jax.tasks.classification import classification_config, evaluate_checkpoint
+from medmae_jax.train.trainer import train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,6 @@ def get_config(arg: Optional[str] = None):
         c.optimizer.b1, c.optimizer.b2, c.optimizer.weight_decay = 0.9, 0.95, 0.05
         c.checkpoint.every_steps = 100_000  # only the last step is saved
     else:
-        from medmae_jax.tasks.classification import classification_config
         c.task = "classification"
         c.init, c.init_checkpoint = args.init, args.init_checkpoint
         c.model.drop_path = 0.1
@@ -129,8 +130,6 @@ def run_experiment(data_dir: str, workdir: str, *, seeds: int = 3, patient_overl
                    pretrain_epochs: Optional[float] = None, finetune_epochs: Optional[float] = None,
                    quick: bool = False) -> dict:
     """MAE pre-train -> fine-tune vs fine-tune from scratch, ``seeds`` seeds each; writes results.json / .md."""
-    from medmae_jax.tasks.classification import evaluate_checkpoint
-    from medmae_jax.train.trainer import train_and_evaluate
 
     t_start = time.time()
     data_dir = os.path.abspath(data_dir)

@@ -30,8 +30,12 @@ from medmae_jax.data.labels import CXR14_LABELS
 from medmae_jax.errors import ConfigError, ConversionError, EncoderMismatchError
 from medmae_jax.evaluate import sharded
 from medmae_jax.evaluate.metrics import AUCResult, roc_auc_per_class
+from medmae_jax.interop import vit_layouts
+from medmae_jax.interop.finetune_init import encoder_init_from_mae
+from medmae_jax.interop.torch_checkpoints import detect_layout, load_state_dict
 from medmae_jax.models.builders import dtype, encoder_kwargs, model_input
 from medmae_jax.models.classifier import ViTClassifier
+from medmae_jax.models.vit import sincos_position_table
 from medmae_jax.tasks import base
 
 log = logging.getLogger(__name__)
@@ -263,8 +267,6 @@ def load_init_encoder(path: str, encoder_kw: Mapping) -> dict:
         return dict(params)
     if not paths.resolve(path).exists():
         raise ConfigError(f"config.init_checkpoint {path!r} does not exist")
-    from medmae_jax.interop import vit_layouts
-    from medmae_jax.interop.torch_checkpoints import detect_layout, load_state_dict
 
     state_dict = load_state_dict(path)
     layout = detect_layout(state_dict)
@@ -277,7 +279,6 @@ def load_init_encoder(path: str, encoder_kw: Mapping) -> dict:
     encoder = dict(params["encoder"])
     if "pos_embedding" not in encoder and cfg.get("grid") is not None:
         # A fixed sin-cos table (FAIR MAE): materialise it in the checkpoint's own channel order and grid.
-        from medmae_jax.models.vit import sincos_position_table
         width = int(cfg["encoder"]["width"])
         body = sincos_position_table(tuple(cfg["grid"]), width, axis_order=cfg["encoder"].get("pos_axis_order"))
         prefix = np.zeros((int(bool(cfg["encoder"].get("cls_token"))), width), np.float32)
@@ -286,7 +287,6 @@ def load_init_encoder(path: str, encoder_kw: Mapping) -> dict:
 
 
 def _encoder_from(target_encoder: Mapping, source: Mapping, grid, path: str):
-    from medmae_jax.interop.finetune_init import encoder_init_from_mae
 
     try:
         return encoder_init_from_mae(target_encoder, source, drop_cls=False, target_grid=grid)

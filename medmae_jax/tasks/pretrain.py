@@ -93,7 +93,7 @@ class PretrainTask(base.Task):
     def summary_images(self, params: Any, mesh, step: int) -> dict:
         """Original / masked / reconstruction of the first evaluation examples (4 in 2-D, 2 in 3-D), same masks
         every evaluation."""
-        from medmae_jax import summaries
+        from medmae_jax import summaries  # matplotlib only when drawing
         count = 4 if self.config.model.spatial_dims == 2 else 2
         source = self.source(self.config.data.eval_split)
         batch, real = next(evaluation_batches(source, count, augment.eval_transform(self.config), limit=count))
