@@ -2,7 +2,7 @@
 
 Args (comma separated): ``init=scratch|mae``, ``init_checkpoint=PATH`` (the MAE pre-training workdir of
 ``configs/brats_mae3d.py`` with the same ``roi``, or a checkpoint directory), ``quick``, ``data=synthetic``
-(phantoms dressed as 4-channel brain-tumour data, see medmae_jax/tasks/segmentation.py), ``roi=128`` (or 96),
+(phantoms dressed as 4-channel brain-tumour data, see medmae_jax/tasks/segmentation/synthetic.py), ``roi=128`` (or 96),
 ``labels=msd|monai_tutorial`` (ET = {3} as dataset.json says, or ET = {2} as MONAI's tutorial and SelfMedMAE),
 ``fold=0``, ``epochs=400``. Recipe: SelfMedMAE ``configs/unetr_msdbrats_1gpu.yaml``.
 """

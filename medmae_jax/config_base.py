@@ -76,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_eval = 64           # synthetic only: examples in the eval split
     c.data.image_size = (224, 224)         # 2-D: model input size (H, W)
     c.data.volume_size = (96, 96, 96)      # 3-D synthetic: stored volume size (D, H, W)
+    c.data.synthetic_noise = 1.0   # 2-D synthetic: scale of the unpredictable mottle and pixel noise
+    c.data.synthetic_shading = 0.0  # 2-D synthetic: amplitude of a smooth exposure ramp across the image (0: none)
     c.data.pixel_mean = 0.5        # 2-D uint8 images: (x / 255 - mean) / std before the model
     c.data.pixel_std = 0.25        # see pixel_mean
     c.data.loader_threads = 4      # threads decoding/augmenting examples
@@ -100,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "auto"         # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
     c.model.param_dtype = "float32"  # storage dtype of parameters (optimizer state and weight gradients follow)
     c.model.attention = "auto"     # attention kernel: auto (cuDNN on GPU in 16-bit, XLA elsewhere) | xla | cudnn
+    c.model.scan_blocks = False    # nn.scan over encoder/decoder blocks: compiles once, same checkpoint layout
     c.model.decoder_width = 512    # MAE decoder width
     c.model.decoder_depth = 8      # MAE decoder blocks
     c.model.decoder_heads = 16     # MAE decoder heads

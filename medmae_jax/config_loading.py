@@ -9,6 +9,7 @@ the closest existing names and the file; a value that does not fit the field's t
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
 import os
@@ -118,16 +119,8 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
     last = parts[-1]
     if isinstance(node[last], ml_collections.ConfigDict) and "enabled" in node[last]:
         node, last = node[last], "enabled"  # --config.distributed=true: shorthand for the section's switch
-    with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+    with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
         node[last] = _coerce(key, node[last], raw)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def config_from_args(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:

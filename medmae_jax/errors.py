@@ -27,5 +27,9 @@ class ConversionError(MedMAEError, ValueError):
     """A checkpoint that does not fit the model: names the key and both shapes."""
 
 
+class EncoderMismatchError(ConfigError, ConversionError):
+    """A pre-trained encoder that does not fit the encoder of the model being fine-tuned (both tasks raise it)."""
+
+
 class NonFiniteError(MedMAEError, FloatingPointError):
     """Training produced a non-finite loss or gradient; the last good checkpoint is kept."""

@@ -23,12 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="Python logging level (INFO shows progress details)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"medmae_jax.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"medmae_jax.cli.{name}":
-                raise
-            continue
+        module = importlib.import_module(f"medmae_jax.cli.{name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.add_argument("--no-progress", action="store_true",

@@ -155,19 +155,19 @@ def test_unetr_conv3d_via_2d_matches_lax_forward_and_gradients():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The UNETR step's loss is MONAI's DiceCELoss.
+# The segmentation step's loss (shared with the benchmark) is MONAI's DiceCELoss.
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def test_dice_ce_matches_monai():
     torch = pytest.importorskip("torch")
     monai_losses = pytest.importorskip("monai.losses")
-    from medmae_jax.benchmark.jax_side import dice_ce_loss
+    from medmae_jax.tasks.segmentation import dice_ce_loss
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 6, 5, 4, 3)).astype(np.float32)
     labels = rng.integers(0, 3, size=(2, 6, 5, 4)).astype(np.int64)
-    ours = float(dice_ce_loss(jnp.asarray(logits), jnp.asarray(labels)))
+    ours = float(dice_ce_loss(jnp.asarray(logits), jnp.asarray(labels))[0])
     ref = monai_losses.DiceCELoss(to_onehot_y=True, softmax=True)(
         torch.from_numpy(np.moveaxis(logits, -1, 1)), torch.from_numpy(labels[:, None]))
     np.testing.assert_allclose(ours, float(ref), rtol=1e-5)

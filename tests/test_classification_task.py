@@ -18,9 +18,9 @@ from medmae_jax.errors import ConversionError
 from medmae_jax.interop import vit_layouts
 from medmae_jax.interop.finetune_init import resize_position_embedding
 from medmae_jax.interop.torch_checkpoints import save_state_dict
+from medmae_jax.models.builders import build_mae
 from medmae_jax.models.vit import ViT, sincos_position_table
 from medmae_jax.tasks.classification import ClassificationTask, evaluate_checkpoint
-from medmae_jax.tasks.model_builders import build_mae
 from medmae_jax.train import checkpoint as ckpt_lib
 from medmae_jax.train.trainer import Trainer, train_and_evaluate
 

@@ -14,11 +14,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from monai.networks.nets import UNETR as MonaiUNETR  # noqa: E402
 
-from medmae_jax.cli.evaluate import config_from_checkpoint  # noqa: E402
 from medmae_jax.interop import vit_layouts  # noqa: E402
 from medmae_jax.main import main  # noqa: E402
 from medmae_jax.tasks.segmentation import build_unetr  # noqa: E402
-from medmae_jax.train.checkpoint import restore_params  # noqa: E402
+from medmae_jax.train.checkpoint import config_from_checkpoint, restore_params  # noqa: E402
 
 pytestmark = pytest.mark.parity
 TOL = 1e-4

@@ -1,5 +1,5 @@
 """``medmae-jax demo``: both MAEs end clearly below the trivial predictor (each masked patch's own mean) on the
-embedded data, within the 10-minute budget, and say what they wrote."""
+embedded data, within the 10-minute budget, and report it."""
 
 import json
 import time

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 
@@ -261,7 +262,7 @@ def test_classifier_round_trip_exact(layout, head, enc_kw):
     assert cfg2["head"]["fc_norm"] == (head["pooling"] == "gap")
     assert cfg2["head"]["post_activation"] == head.get("post_activation")
     assert cfg2["encoder"]["final_norm"] == (head["pooling"] != "gap")
-    assert _shapes(vl.to_jax(vl.to_torch(back, cfg2), **vl.conversion_hints(cfg2))[0]) == _shapes(params)
+    assert _shapes(vl.to_jax(vl.to_torch(back, cfg2), **conversion_hints(cfg2))[0]) == _shapes(params)
 
 
 @pytest.mark.parametrize("layout", ["monai-vit", "selfmedmae-unetr", "timm-vit"])
@@ -311,7 +312,7 @@ def test_shape_mismatch_names_the_key_and_both_shapes():
     assert "blocks.1.mlp.fc1.weight" in msg and "(64, 30)" in msg and "(64, 32)" in msg
     # A target config makes every key checked against the model's shapes.
     _, cfg, _ = vl.to_jax(sd, num_heads=4, decoder_heads=4)
-    target = vl.copy_config(cfg)
+    target = copy.deepcopy(dict(cfg))
     target["encoder"]["mlp_dim"] = 48
     with pytest.raises(ConversionError, match=r"blocks\.0\.mlp\.fc1\.weight.*\(64, 32\).*\(48, 32\)"):
         vl.to_jax(sd, config=target)
@@ -554,3 +555,17 @@ def test_checkpoint_files_end_to_end(tmp_path):
     back, cfg2, _ = vl.import_checkpoint(tmp_path / "vit.npz", num_heads=4)
     assert cfg2["encoder"]["pos_embed"] == "learn"  # a timm ViT learns its table
     np.testing.assert_array_equal(back["encoder"]["pos_embedding"], sd["pos_embed"])
+
+
+def conversion_hints(config: dict) -> dict:
+    """Hints that make ``to_jax`` rebuild exactly ``config`` (what the weights alone cannot tell)."""
+    hints = dict(num_heads=config["encoder"]["num_heads"], layer_norm_eps=config["encoder"]["layer_norm_eps"])
+    if config.get("grid") is not None:
+        hints["grid"] = tuple(config["grid"])
+    if config["encoder"].get("patch_embed") == "perceptron":
+        hints.update(patch_size=tuple(config["encoder"]["patch_size"]), in_channels=config["in_channels"])
+    if config.get("decoder"):
+        hints["decoder_heads"] = config["decoder"]["num_heads"]
+    if config.get("head"):
+        hints["pooling"] = config["head"]["pooling"]
+    return hints

@@ -5,7 +5,7 @@ import pytest
 from conftest import run_python
 
 from medmae_jax.models import masking
-from medmae_jax.models.mae import mae_loss
+from medmae_jax.models.mae import mae_loss, patch_targets, trivial_loss
 
 
 @pytest.mark.parametrize("num_tokens,ratio", [(196, 0.75), (216, 0.75), (512, 0.9), (64, 0.5), (10, 0.33)])
@@ -50,6 +50,24 @@ def test_loss_sees_exactly_the_masked_tokens():
     # Changing visible predictions leaves the loss unchanged.
     changed = jnp.where(m.mask[..., None] > 0, pred, pred + 100.0)
     np.testing.assert_allclose(float(mae_loss(changed, target, m.mask)), float(mae_loss(pred, target, m.mask)))
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_trivial_loss_is_the_patch_mean_predictor(norm_pix):
+    """norm-pix: mean of var / (var + eps) over masked patches (predicting zeros); raw: mean patch variance."""
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 8, 8, 1)).astype(np.float32)
+    images[0, :4, :4] = 0.5  # a flat patch: trivial loss 0 there
+    mask = np.array([[1, 0, 1, 1], [0, 1, 1, 0]], np.float32)
+    patches = images.reshape(2, 2, 4, 2, 4).transpose(0, 1, 3, 2, 4).reshape(2, 4, 16).astype(np.float64)
+    var = patches.var(-1)
+    per_patch = var / (var + 1e-6) if norm_pix else var
+    expected = (per_patch * mask).sum() / mask.sum()
+    target = patch_targets(jnp.asarray(images), (4, 4), norm_pix)
+    np.testing.assert_allclose(float(trivial_loss(target, jnp.asarray(mask))), expected, rtol=1e-5)
+    if norm_pix:  # and it is mae_loss of an all-zero prediction
+        np.testing.assert_allclose(float(mae_loss(jnp.zeros_like(target), target, jnp.asarray(mask))), expected,
+                                   rtol=1e-5)
 
 
 def test_ratio_out_of_range_is_an_error():

@@ -181,7 +181,7 @@ def test_btcv_means_and_table():
     d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
     assert d["per_class"]["esophagus"]["dice"] is None
     assert d["per_class"]["liver"]["dice"] == pytest.approx(dice[5])
-    assert json.loads(M.dumps(summ)) == pytest.approx(summ)
+    assert json.loads(json.dumps(M.to_jsonable(summ))) == pytest.approx(summ)
 
 
 def test_region_conventions():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from nibabel import orientations as nio
 
-from medmae_jax.data import nifti
+from medmae_jax.data import nifti, resample
 from medmae_jax.errors import DataError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -37,7 +37,7 @@ def test_read_any_orientation_and_byte_order():
     assert raw.get_data_dtype().byteorder == ">" and nib.aff2axcodes(raw.affine) == ("L", "A", "S")
     assert data.dtype == np.float32 and data.dtype.isnative and data.flags.c_contiguous
     assert np.array_equal(data, raw.get_fdata())
-    ras, ras_affine = nifti.reorient_to_ras(data, affine)
+    ras, ras_affine = resample.reorient_to_ras(data, affine)
     assert nib.aff2axcodes(ras_affine) == ("R", "A", "S")
     assert np.array_equal(ras, data[::-1])  # LAS -> RAS flips the first axis only
     # every voxel keeps its world position
@@ -47,7 +47,7 @@ def test_read_any_orientation_and_byte_order():
     # a permuted, flipped (P, S, L) copy reorients back to the same RAS array
     perm = np.transpose(data, (1, 2, 0))[::-1]
     perm_affine = affine @ nio.inv_ornt_aff(np.array([[2, 1], [0, -1], [1, 1]], float), data.shape)
-    tmp_ras, tmp_affine = nifti.reorient_to_ras(np.ascontiguousarray(perm), perm_affine)
+    tmp_ras, tmp_affine = resample.reorient_to_ras(np.ascontiguousarray(perm), perm_affine)
     assert np.array_equal(tmp_ras, ras) and np.allclose(tmp_affine, ras_affine)
 
 

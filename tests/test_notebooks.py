@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,48 @@ def test_cells_are_short_and_start_with_the_install_cell(path):
         assert len(lines) <= 12, f"{path.name}: a cell of {len(lines)} lines; move the logic into the library"
 
 
+def test_roc_points_match_scikit_learn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    from medmae_jax.notebook import area_under, roc_points
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(200) < 0.3
+    scores = np.round(rng.random(200) + 0.3 * labels, 1)  # many ties
+    fpr, tpr = roc_points(labels, scores)
+    ref_fpr, ref_tpr, _ = metrics.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr)
+    np.testing.assert_allclose(tpr, ref_tpr)
+    assert area_under(fpr, tpr) == pytest.approx(metrics.roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_cli_returns_the_json_record_and_names_a_failure(tmp_path, capsys):
+    from medmae_jax import notebook as nb
+
+    assert nb._last_json('{"a": 1}\n{\n  "b": [1,\n 2]\n}\nwrote x\n') == {"b": [1, 2]}
+    with pytest.raises(nb.NotebookError, match="exited with 2: .*no_such_config"):
+        nb.cli("train", "--config", "no_such_config", "--workdir", tmp_path)
+
+
+def test_chestxray14_folder_is_patient_disjoint_and_names_bad_tables(tmp_path):
+    from medmae_jax import notebook as nb
+
+    images = tmp_path / "png"
+    images.mkdir()
+    head = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
+    rows = [f"{p:08d}_{k:03d}.png,No Finding,{k},{p},50,M,PA\n" for p in (1, 2, 3) for k in (0, 1)]
+    for r in rows:
+        (images / r.split(",")[0]).write_bytes(b"")
+    (tmp_path / "labels.csv").write_text(head + "".join(rows))
+    out = nb.chestxray14_folder(tmp_path / "labels.csv", images, tmp_path / "nih", test_every=2)
+    test = (out / "test_list.txt").read_text().split()
+    train = (out / "train_val_list.txt").read_text().split()
+    assert sorted(test + train) == sorted(r.split(",")[0] for r in rows)
+    assert {t[:8] for t in test}.isdisjoint({t[:8] for t in train}) and len(test) == 4
+    (tmp_path / "bad.csv").write_text("Image Index,Finding Labels\nx.png,No Finding\n")
+    with pytest.raises(nb.NotebookError, match=r"bad\.csv: no column\(s\) Follow-up #"):
+        nb.chestxray14_folder(tmp_path / "bad.csv", images, tmp_path / "nih2")
+
+
 def _text_outputs(cell) -> str:
     parts = []
     for out in cell.get("outputs", []):
@@ -76,6 +119,9 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
+    if path.name.startswith("04_"):  # the PyTorch side of the import/export checks: the [parity] extra
+        pytest.importorskip("torch")
+        pytest.importorskip("monai")
     monkeypatch.setenv("JUPYTER_PATH", str(_kernel_dir(tmp_path / "jupyter")))
     monkeypatch.setenv("MEDMAE_QUICK", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))

@@ -3,11 +3,13 @@ preparing dataset Unknown size" or terminal escape codes from `build`, no TFDS "
 
 import json
 
+import pytest
 from conftest import SHARED_DATA, run_python
 
 NOISE = ("Metadata file does not exist", "Unknown size", "downloaded and prepared", "OpenCV", "\x1b[")
 
 
+@pytest.mark.slow  # a fresh interpreter: jax, orbax and TFDS imports, one BTCV build
 def test_restore_build_and_image_decoding_are_quiet(tmp_path):
     btcv = SHARED_DATA / "layouts" / "btcv"
     build = (f'main(["build", "btcv", "--manual-dir", {str(btcv)!r}, "--data-dir", {str(tmp_path / "tfds")!r}, '

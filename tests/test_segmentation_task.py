@@ -135,7 +135,7 @@ def _numpy_params(abstract, seed):
 
 def _save_mae_checkpoint(directory, mae_config):
     """An MAE 'pre-training' checkpoint with numpy-drawn params (the trainer's layout: {step, params})."""
-    from medmae_jax.tasks.model_builders import build_mae
+    from medmae_jax.models.builders import build_mae
     from medmae_jax.train import checkpoint as ckpt_lib
     mae = build_mae(mae_config.model)
     x = jnp.zeros((1, *mae_config.model.input_size, mae_config.model.in_channels))

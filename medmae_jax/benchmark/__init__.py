@@ -28,13 +28,14 @@ from typing import Callable, Optional, Sequence
 
 from medmae_jax.benchmark import measure
 from medmae_jax.benchmark.measure import count_matmul_flops, mae_matmul_flops, peak_tflops, xla_flops
+from medmae_jax.config_loading import resolve_config_path
 from medmae_jax.errors import ConfigError, MedMAEError
 from medmae_jax.models.precision import dtype_name
 
 __all__ = ["BenchmarkError", "Settings", "run_benchmark", "make_record", "worker_env", "count_matmul_flops",
            "mae_matmul_flops", "peak_tflops", "xla_flops"]
 
-WHATS = ("train", "unetr_train", "sliding_window")
+WHATS = ("train", "sliding_window")
 
 
 class BenchmarkError(MedMAEError, RuntimeError):
@@ -47,7 +48,7 @@ class Settings:
 
     config: str                              # configs/<name>.py[:arg]
     overrides: Sequence[str] = ()            # "key=value" config overrides
-    what: str = "train"                      # train (the config's task) | unetr_train | sliding_window
+    what: str = "train"                      # train (the config's task) | sliding_window
     against: Optional[str] = None            # None | "monai": also time the PyTorch/MONAI peer
     batch_sizes: Sequence[Optional[int]] = (None,)  # None: the config's batch_size (sliding window: volumes)
     steps: int = 5                           # timed steps per round
@@ -75,8 +76,9 @@ def worker_env(threads: int, base: Optional[dict] = None) -> dict:
 
 
 def _absolute_config(spec: str) -> str:
+    """The config spec with its file made absolute (workers run elsewhere); a shipped name becomes its file."""
     path, colon, arg = spec.partition(":")
-    return os.path.abspath(path) + colon + arg
+    return os.path.abspath(resolve_config_path(path)) + colon + arg
 
 
 def examples_per_batch_item(config, jax_mode: str) -> int:
@@ -94,10 +96,6 @@ def _plan(settings: Settings, config) -> tuple[str, Optional[str], dict, Optiona
     if what == "sliding_window":
         return "sliding_window", "sliding_window", measure.unetr_description(
             config, settings.num_classes, settings.feature_size), None
-    if what == "unetr_train" or (config.task == "segmentation" and not measure.segmentation_task_available()):
-        note = None if what == "unetr_train" else (
-            "medmae_jax.tasks.segmentation is not available: timed the benchmark's own UNETR + Dice/CE + AdamW step")
-        return "unetr", "unetr", measure.unetr_description(config, settings.num_classes, settings.feature_size), note
     if config.task == "pretrain":
         return "trainer", "mae", measure.mae_description(config), None
     if config.task == "segmentation":

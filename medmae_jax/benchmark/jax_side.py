@@ -101,78 +101,9 @@ def _init_trainer(config, workdir):
     return trainer, state
 
 
-# --------------------------------------------------------------------------------------------------------------
-# UNETR fine-tuning step written out here (used while no segmentation task runs the config).
-# --------------------------------------------------------------------------------------------------------------
-def dice_ce_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1e-5) -> jax.Array:
-    """MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)``: soft Dice per (example, class) over space, averaged,
-    plus mean cross entropy. ``logits`` (B, *spatial, K), ``labels`` (B, *spatial) int."""
-    k = logits.shape[-1]
-    logits = logits.astype(jnp.float32)
-    onehot = jax.nn.one_hot(labels, k, dtype=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
-    axes = tuple(range(1, logits.ndim - 1))
-    inter = jnp.sum(probs * onehot, axis=axes)
-    denom = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
-    dice = 1.0 - (2.0 * inter + smooth) / (denom + smooth)
-    ce = -jnp.sum(onehot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-    return jnp.mean(dice) + jnp.mean(ce)
-
-
-def _unetr_inputs(desc: dict, batch: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, *desc["input"], desc["in_channels"])).astype(np.float32)
-    y = rng.integers(0, desc["out_channels"], size=(batch, *desc["input"])).astype(np.int32)
-    return jnp.asarray(x), jnp.asarray(y)
-
-
 def _unetr_params(model, x):
     import flax.linen as nn
     return jax.jit(lambda key, x: nn.unbox(model.init(key, x)["params"]))(jax.random.key(0), x[:1])
-
-
-def build_unetr_step(config, desc: dict, batch_size: int, warmup: int) -> Bench:
-    """UNETR + Dice/CE loss + AdamW (lr 1e-4, weight decay 1e-5), jitted with donated parameters."""
-    import optax
-
-    model = measure.unetr_module(config, desc["out_channels"], desc["feature_size"])
-    x, y = _unetr_inputs(desc, batch_size)
-    info = _device_info()
-    params, info["init_s"] = _timed(lambda: jax.block_until_ready(_unetr_params(model, x)))
-    tx = optax.adamw(1e-4, weight_decay=1e-5)
-    opt_state = tx.init(params)
-
-    def step(params, opt_state, x, y):
-        def loss_fn(p):
-            return dice_ce_loss(model.apply({"params": p}, x, train=True), y)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    flops = measure.count_matmul_flops(step, params, opt_state, x, y)
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    compiled, info["compile_s"] = _timed(lambda: jitted.lower(params, opt_state, x, y).compile())
-    holder = {"params": params, "opt_state": opt_state, "loss": None}
-
-    def run(n: int) -> None:
-        p, o, loss = holder["params"], holder["opt_state"], holder["loss"]
-        for _ in range(n):
-            p, o, loss = jitted(p, o, x, y)
-        jax.block_until_ready((p, o, loss))
-        holder.update(params=p, opt_state=o, loss=loss)
-
-    _, info["first_call_s"] = _timed(lambda: run(1))
-    run(max(warmup - 1, 0))
-
-    def check() -> dict:
-        loss = float(holder["loss"])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"benchmark step produced a non-finite loss {loss}")
-        return {"last_loss": loss}
-
-    info["step"] = "UNETR + Dice/CE + optax.adamw, jax.jit with donated state (benchmark's own step)"
-    return Bench(run, _finish_info(info, flops, measure.xla_flops(compiled), batch_size,
-                                   dtype_name(config.model.dtype)), check)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,11 @@ import resource
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from medmae_jax.models.builders import build_mae, dtype, encoder_kwargs
+from medmae_jax.models.masking import num_kept
 from medmae_jax.models.precision import dtype_name
+from medmae_jax.models.unetr import UNETR
+from medmae_jax.tasks import get_task
 
 # Dense peak TFLOP/s per chip: (device-kind substring, bfloat16 peak, float32 peak). First match wins, so the
 # more specific names come first. float32 on NVIDIA: the TF32 tensor-core peak (XLA's default precision runs f32
@@ -224,13 +228,11 @@ def load_average() -> Optional[float]:
 # --------------------------------------------------------------------------------------------------------------
 def mae_description(config) -> dict:
     """Sizes of the MAE that ``config.model`` builds (the JAX model; the MONAI peer is built from the same)."""
-    from medmae_jax.tasks.model_builders import build_mae
     mae = build_mae(config.model)
     enc = dict(mae.encoder)
     patch = tuple(int(p) for p in enc["patch_size"])
     size = tuple(int(s) for s in config.model.input_size)
     tokens = math.prod(s // p for s, p in zip(size, patch))
-    from medmae_jax.models.masking import num_kept
     return {
         "name": "MAE", "spatial_dims": len(size), "input": list(size), "in_channels": int(config.model.in_channels),
         "patch": list(patch), "width": int(enc["width"]), "depth": int(enc["depth"]), "heads": int(enc["num_heads"]),
@@ -251,26 +253,13 @@ def mae_analytic_flops(desc: Mapping[str, Any]) -> dict[str, int]:
                             cls_token=desc["cls_token"])
 
 
-def segmentation_task_available() -> bool:
-    """Whether ``medmae_jax.tasks.segmentation`` exists and imports."""
-    try:
-        import medmae_jax.tasks.segmentation  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def unetr_module(config, num_classes: int, feature_size: int):
     """The UNETR to benchmark: the segmentation task's model when that task runs ``config``, else a MONAI-default
     UNETR with ``config.model``'s ViT sizes (width, depth, heads, MLP, patch 16), input size and channels."""
-    if config.task == "segmentation" and segmentation_task_available():
-        from medmae_jax.tasks import get_task
+    if config.task == "segmentation":
         model = get_task(config).model
-        from medmae_jax.models.unetr import UNETR
         if isinstance(model, UNETR):
             return model
-    from medmae_jax.models.unetr import UNETR
-    from medmae_jax.tasks.model_builders import dtype, encoder_kwargs
     enc = encoder_kwargs(config.model)
     encoder = {k: enc[k] for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size")}
     return UNETR(out_channels=int(num_classes), encoder=encoder, feature_size=int(feature_size),

@@ -38,8 +38,6 @@ def _build(spec: dict):
         from medmae_jax.benchmark import jax_side as side
         if mode == "trainer":
             return side, side.build_trainer_step(config, batch, warmup)
-        if mode == "unetr":
-            return side, side.build_unetr_step(config, desc, batch, warmup)
     else:
         import torch
         torch.set_num_threads(int(spec["threads"]))

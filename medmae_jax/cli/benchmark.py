@@ -18,9 +18,8 @@ def add_arguments(parser):
                              "configs' auto precision, beside MONAI (torch AMP) when torch sees a GPU; writes "
                              "suite.jsonl and suite.md to --output. smoke: the same plan with :quick configs")
     parser.add_argument("--output", default="benchmark-suite", help="--suite: folder for suite.jsonl and suite.md")
-    parser.add_argument("--what", default="train", choices=("train", "unetr_train", "sliding_window", "input"),
+    parser.add_argument("--what", default="train", choices=("train", "sliding_window", "input"),
                         help="train: the config's task step through the trainer (MAE for pre-training configs); "
-                             "unetr_train: a UNETR + Dice/CE + AdamW step with the config's ViT sizes; "
                              "sliding_window: UNETR sliding-window inference over a whole volume; "
                              "input: training examples/crops per second of the input pipeline, without and "
                              "with the in-memory cache")

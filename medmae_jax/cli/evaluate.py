@@ -46,68 +46,21 @@ def checkpoint_path(path: str, best: bool = False) -> str:
     return path
 
 
-def config_from_checkpoint(path: str):
-    """The config saved with a checkpoint (its JSON record, or the run's ``config.json``) as a ConfigDict."""
-    import ml_collections
-
-    from medmae_jax.errors import ConfigError
-    from medmae_jax.train import checkpoint as ckpt_lib
-    directory, step = ckpt_lib.find_checkpoint(path)
-    config = ckpt_lib.read_meta(directory, step).get("config")
-    if not config:
-        for candidate in (os.path.join(os.path.dirname(os.path.abspath(directory)), "config.json"),
-                          os.path.join(path, "config.json")):
-            if os.path.isfile(candidate):
-                with open(candidate) as f:
-                    config = json.load(f)
-                break
-    if not config:
-        raise ConfigError(f"{path}: no config saved with this checkpoint; pass --config")
-    return ml_collections.ConfigDict(config)
-
-
 def load_config(args, overrides):
     """``--config`` (if given) or the checkpoint's config, with ``--config.key=value`` overrides applied."""
     from medmae_jax.config_loading import apply_override
     from medmae_jax.config_loading import load_config as load_file
+    from medmae_jax.train.checkpoint import config_from_checkpoint
     config = load_file(args.config) if args.config else config_from_checkpoint(args.checkpoint)
     for assignment in overrides:
         apply_override(config, assignment)
     return config
 
 
-def load_params(task, path: str):
-    """Host params of the checkpoint at ``path``, checked against the task's model (names and shapes)."""
-    import flax.linen as nn
-    import jax
-    import numpy as np
-
-    from medmae_jax.errors import ConfigError
-    from medmae_jax.train.checkpoint import restore_params
-    params, meta = restore_params(path)
-    params = jax.tree.map(np.asarray, params)
-    expected = nn.unbox(jax.eval_shape(task.init_variables, jax.random.key(0)))["params"]
-    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    bad = sorted(k for k in set(want) & set(got) if tuple(want[k]) != tuple(got[k]))
-    if missing or extra or bad:
-        lines = [f"{path}: checkpoint parameters do not fit the model of this config"]
-        if missing:
-            lines.append(f"missing ({len(missing)}): {', '.join(missing[:5])}")
-        if extra:
-            lines.append(f"unexpected ({len(extra)}): {', '.join(extra[:5])}")
-        for k in bad[:5]:
-            lines.append(f"{k}: checkpoint {tuple(got[k])}, model {tuple(want[k])}")
-        raise ConfigError("\n".join(lines))
-    # Replicated over the config's mesh, like the trainer's params: jitted predictors compiled for either are shared.
-    from medmae_jax.train.mesh import make_mesh, replicated
-    return jax.device_put(params, replicated(make_mesh(task.config.mesh))), meta
-
-
 def run(args, overrides) -> int:
     from medmae_jax.evaluate.metrics import to_jsonable
     from medmae_jax.tasks import get_task
+    from medmae_jax.train.checkpoint import load_params
     path = checkpoint_path(args.checkpoint, args.best)
     args.checkpoint = path
     config = load_config(args, overrides)

@@ -102,11 +102,12 @@ def preprocess(config, paths, tmpdir: str) -> tuple:
 def run(args, overrides) -> int:
     import numpy as np
 
-    from medmae_jax.cli.evaluate import checkpoint_path, load_config, load_params
+    from medmae_jax.cli.evaluate import checkpoint_path, load_config
     from medmae_jax.data import nifti
     from medmae_jax.data.labels import regions_to_label
     from medmae_jax.errors import ConfigError, DataError
     from medmae_jax.tasks import get_task
+    from medmae_jax.train.checkpoint import load_params
     path = checkpoint_path(args.checkpoint, args.best)
     args.checkpoint = path
     config = load_config(args, overrides)

@@ -34,18 +34,15 @@ def reconstruct(checkpoint: str, images: list, output: str, *, mask_ratio=None, 
 
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
 
     from medmae_jax.errors import ConfigError
     from medmae_jax.tasks.pretrain import PretrainTask
-    from medmae_jax.train.checkpoint import find_checkpoint, restore_params
+    from medmae_jax.train.checkpoint import config_from_checkpoint, find_checkpoint, restore_params
     from medmae_jax.visualize import save_reconstruction_figure
 
-    params, meta = restore_params(checkpoint)
-    if not meta.get("config"):
-        raise ConfigError(f"{checkpoint}: no training config saved with the checkpoint (meta 'config')")
-    config = ml_collections.ConfigDict(meta["config"])
+    params, _ = restore_params(checkpoint)
+    config = config_from_checkpoint(checkpoint, hint="")
     if config.get("task") != "pretrain" or not isinstance(params, dict) or "decoder" not in params:
         raise ConfigError(f"{checkpoint}: not an MAE pre-training checkpoint (task {config.get('task')!r}); "
                           f"reconstruct needs the MAE decoder")

@@ -7,7 +7,7 @@ from typing import Mapping
 from etils import epath
 
 from medmae_jax.console import quiet_library_logs
-from medmae_jax.data.datasets import synthetic
+from medmae_jax.data.datasets import nih1000, synthetic
 from medmae_jax.errors import ConfigError
 
 quiet_library_logs()  # TFDS image features log an "OpenCV is not installed" advice on first decode
@@ -17,8 +17,8 @@ SYNTHETIC = ("synthetic2d", "synthetic3d")
 # Synthetic splits are disjoint index ranges of one procedural stream (offset = seed shift).
 _SPLIT_SEED_OFFSET = {"train": 0, "validation": 1_000_003, "test": 2_000_003}
 
-# Small data sets read straight from their files into memory (no TFDS build): name -> "module:function(data, split)".
-IN_MEMORY = {"nih1000": "medmae_jax.experiments.cxr14_mini:open_nih1000"}
+# Small data sets read straight from their files into memory (no TFDS build): name -> opener(data, split).
+IN_MEMORY = {"nih1000": nih1000.open_nih1000}
 
 
 def open_source(data: Mapping, split: str):
@@ -30,12 +30,11 @@ def open_source(data: Mapping, split: str):
         num = data["num_train"] if split == "train" else data["num_eval"]
         seed = data.get("seed", 0) + _SPLIT_SEED_OFFSET[split]
         if name == "synthetic2d":
-            return synthetic.SyntheticChest2D(num, data["image_size"][0], seed)
+            return synthetic.SyntheticChest2D(num, data["image_size"][0], seed, noise=data.get("synthetic_noise", 1.0),
+                                              shading=data.get("synthetic_shading", 0.0))
         return synthetic.SyntheticPhantom3D(num, tuple(data["volume_size"]), seed)
     if name in IN_MEMORY:
-        import importlib
-        module, fn = IN_MEMORY[name].split(":")
-        return getattr(importlib.import_module(module), fn)(data, split)
+        return IN_MEMORY[name](data, split)
     return open_tfds(data, split)
 
 

@@ -2,8 +2,8 @@
 
 Deterministic ones (intensity window, z-score, foreground crop) run once when a data set is
 built; random ones (pos/neg crops, flips, rot90, intensity scale/shift) run per example in the
-input pipeline, every choice drawn from a ``numpy.random.Generator`` made by :func:`rng_for`
-from ``(seed, epoch, index)`` so that a restarted run replays the same stream. Semantics follow
+input pipeline, every choice drawn from the ``numpy.random.Generator`` that grain's ``random_map``
+passes per example (seeded from the config, so a restarted run replays the same stream). Semantics follow
 the MONAI transforms named in each docstring. All operations are vectorised numpy.
 """
 
@@ -243,15 +243,6 @@ def rand_crop_by_pos_neg_label(
         image=None if image_threshold is None else image,
         image_threshold=0.0 if image_threshold is None else image_threshold, indices=indices)
     return crops_at(image, centers, roi), crops_at(label, centers, roi)
-
-
-def random_spatial_crop(rng: np.random.Generator, arrays: Sequence[np.ndarray], roi: Sequence[int]) -> list[np.ndarray]:
-    """One ROI crop at a uniformly random position, the same for every array (padding if smaller)."""
-    arrays = [pad_to_shape(a, roi)[0] for a in arrays]
-    shape = np.asarray(arrays[0].shape[:3])
-    starts = [int(rng.integers(0, s - r + 1)) for s, r in zip(shape, roi)]
-    stops = [s + int(r) for s, r in zip(starts, roi)]
-    return [crop(a, starts, stops) for a in arrays]
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ not needed at run time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -495,7 +494,3 @@ def roc_auc_per_class(y_true: ArrayLike, y_score: ArrayLike, names: Optional[Seq
     mean = float(auc[defined].mean()) if defined.any() else math.nan
     return AUCResult(names, auc, mean, skipped)
 
-
-def dumps(obj: Any, **kwargs) -> str:
-    """``json.dumps`` of any metrics result (NaN -> null)."""
-    return json.dumps(to_jsonable(obj), **kwargs)

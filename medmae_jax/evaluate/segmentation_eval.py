@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from medmae_jax.data import nifti
 from medmae_jax.data.labels import BTCV_8_ORGANS, BTCV_LABELS, REGIONS, class_names
 from medmae_jax.evaluate import metrics as metrics_lib
 
@@ -165,7 +166,6 @@ def report_order(config) -> tuple[tuple[str, ...], list[int]]:
 
 
 def _geometry(example):
-    from medmae_jax.data import nifti
     if "original_affine" not in example or "crop_box" not in example:
         return None
     return nifti.Geometry.from_features(example)
@@ -178,7 +178,7 @@ def original_label_path(data_name: str, manual_dir: str, image_file: str) -> Opt
         return None
     candidates = []
     if "btcv" in data_name:
-        from medmae_jax.data.datasets import btcv
+        from medmae_jax.data.datasets import btcv  # its builder imports tensorflow_datasets: only when asked
         try:
             root = btcv.find_training_root(manual_dir)
         except Exception:  # noqa: BLE001 - no BTCV layout there
@@ -187,7 +187,7 @@ def original_label_path(data_name: str, manual_dir: str, image_file: str) -> Opt
         candidates += [os.path.join(root, "label", name),
                        os.path.join(manual_dir, os.path.dirname(os.path.dirname(image_file)), "label", name)]
     else:
-        from medmae_jax.data.datasets import msd_brain_tumour as msd
+        from medmae_jax.data.datasets import msd_brain_tumour as msd  # tensorflow_datasets, only when asked
         try:
             task_dir = msd.find_task_dir(manual_dir)
         except Exception:  # noqa: BLE001
@@ -244,7 +244,6 @@ def evaluate_split(task, params: Any, split: str, *, limit: Optional[int] = None
     further columns, like the paper's scratch-vs-MAE figures. ``mesh``: split each case's windows over its
     devices (every process reads the case; the prediction comes back to each).
     """
-    from medmae_jax.data import nifti
     config = task.config
     s = config.segmentation
     names, channels = report_order(config)
@@ -291,7 +290,7 @@ def evaluate_split(task, params: Any, split: str, *, limit: Optional[int] = None
             result.dice_original, result.hd95_mm_original = np.asarray(d_o), np.asarray(hd_o)
         cases.append(result)
         if figures_dir and figures < max_figures:
-            from medmae_jax.evaluate.figures import save_case_figure
+            from medmae_jax.evaluate.figures import save_case_figure  # matplotlib only when drawing
             os.makedirs(figures_dir, exist_ok=True)
             others = {name: task.predict(p, image) for name, p in (compare or {}).items()}
             save_case_figure(os.path.join(figures_dir, f"{case_id}.png"), image, label, pred, config,

@@ -15,9 +15,11 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
+from medmae_jax import checkpoint_files as ckpt_lib
 from medmae_jax import config_base, paths
 from medmae_jax.errors import ConversionError
 from medmae_jax.interop.report import ConversionReport
+from medmae_jax.models.builders import encoder_kwargs
 
 MODEL_JSON = "model.json"
 
@@ -102,8 +104,6 @@ def save_converted(out_dir: str, params: Any, model_config: Mapping, report: Opt
     ``out_dir`` must be new or empty; a failure part way removes what was written (a new folder entirely).
     ``segmentation``: see :func:`training_config`.
     """
-    from medmae_jax.train import checkpoint as ckpt_lib
-
     meta = {"step": 0, "seed": 0, "converted_from": str(paths.resolve(source)),
             "layout": model_config.get("layout"), "model": _jsonable(dict(model_config))}
     try:
@@ -150,8 +150,6 @@ def model_config_for_checkpoint(path: str, meta: Mapping) -> dict:
 
 def model_config_from_training(train: Mapping) -> dict:
     """Conversion model description of a model trained here (MAE pre-training or classification)."""
-    from medmae_jax.tasks.model_builders import encoder_kwargs
-
     m = train["model"]
     enc = encoder_kwargs(m)
     patch = tuple(enc["patch_size"])

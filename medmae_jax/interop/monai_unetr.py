@@ -26,6 +26,7 @@ import numpy as np
 
 from medmae_jax.errors import ConversionError
 from medmae_jax.interop.report import ConversionReport
+from medmae_jax.interop.weight_transforms import conv_to_flax, conv_to_torch
 
 LAYOUT = "MONAI UNETR"
 _PATCH = 16
@@ -83,15 +84,6 @@ class MonaiUnetrConfig:
 # --------------------------------------------------------------------------
 # Layout transforms: torch array -> jax array, and back.
 # --------------------------------------------------------------------------
-def _conv_fwd(w):           # (out, in, *k) -> (*k, in, out)
-    return np.transpose(w, tuple(range(2, w.ndim)) + (1, 0))
-
-
-def _conv_bwd(w):
-    nd = w.ndim - 2
-    return np.transpose(w, (nd + 1, nd) + tuple(range(nd)))
-
-
 def _convt_fwd(w):          # (in, out, *k) -> (*k, in, out); UpConv uses PyTorch's orientation, no flip
     return np.transpose(w, tuple(range(2, w.ndim)) + (0, 1))
 
@@ -136,7 +128,7 @@ def _entries(cfg: MonaiUnetrConfig) -> list[_Entry]:
         add(f"{key}.bias", f"{path}/bias", (w,))
 
     def conv(key, path, c_out, c_in, k):
-        add(f"{key}.conv.weight", f"{path}/kernel", (c_out, c_in) + (k,) * nd, _conv_fwd, _conv_bwd)
+        add(f"{key}.conv.weight", f"{path}/kernel", (c_out, c_in) + (k,) * nd, conv_to_flax, conv_to_torch)
 
     def convt(key, path, c_in, c_out):
         add(f"{key}.conv.weight", f"{path}/kernel", (c_in, c_out) + (2,) * nd, _convt_fwd, _convt_bwd)
@@ -152,7 +144,7 @@ def _entries(cfg: MonaiUnetrConfig) -> list[_Entry]:
     add(f"{pe}.position_embeddings", "vit/pos_embedding", (1, math.prod(cfg.grid), w))
     if cfg.proj_type == "conv":
         add(f"{pe}.patch_embeddings.weight", "vit/patch_embed/proj/kernel",
-            (w, cfg.in_channels) + (_PATCH,) * nd, _conv_fwd, _conv_bwd)
+            (w, cfg.in_channels) + (_PATCH,) * nd, conv_to_flax, conv_to_torch)
         add(f"{pe}.patch_embeddings.bias", "vit/patch_embed/proj/bias", (w,))
     elif cfg.proj_type == "perceptron":
         # MONAI's Rearrange flattens each patch as (p1, p2[, p3], c): the order of medmae_jax's patchify.
@@ -190,7 +182,7 @@ def _entries(cfg: MonaiUnetrConfig) -> list[_Entry]:
                               ("decoder2", 2 * f, f)):
         convt(f"{name}.transp_conv", f"{name}/transp_conv", c_in, c_out)
         res(f"{name}.conv_block", f"{name}/conv_block", 2 * c_out, c_out)
-    add("out.conv.conv.weight", "out/kernel", (cfg.out_channels, f) + (1,) * nd, _conv_fwd, _conv_bwd)
+    add("out.conv.conv.weight", "out/kernel", (cfg.out_channels, f) + (1,) * nd, conv_to_flax, conv_to_torch)
     add("out.conv.conv.bias", "out/bias", (cfg.out_channels,))
     return out
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from medmae_jax.models import masking as masking_lib
 from medmae_jax.models.precision import Dense
-from medmae_jax.models.vit import Transformer, ViT, _axes, _trunc_normal, patchify, sincos_position_table
+from medmae_jax.models.vit import ViT, _axes, _trunc_normal, patchify, sincos_position_table, transformer_class
 
 Dtype = Any
 
@@ -40,6 +40,7 @@ class MAEDecoder(nn.Module):
     pos_embed: str = "sincos"
     remat: bool | str = False  # remat policy of the decoder blocks
     attention: str = "auto"    # attention implementation (see vit.Attention)
+    scan: bool = False         # nn.scan over the decoder blocks (see vit.transformer_class)
 
     @nn.compact
     def __call__(self, latent: jax.Array, restore_indices: jax.Array, grid: Sequence[int], has_cls: bool,
@@ -69,10 +70,10 @@ class MAEDecoder(nn.Module):
         tokens = tokens + table.astype(x.dtype)
         if has_cls:
             tokens = jnp.concatenate([cls, tokens], axis=1)
-        tokens, _ = Transformer(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.qkv_bias,
-                                layer_norm_eps=self.layer_norm_eps, remat=self.remat, dtype=self.dtype,
-                                param_dtype=self.param_dtype, attention=self.attention,
-                                name="transformer")(tokens, train)
+        tokens, _ = transformer_class(self.scan, self.depth)(
+            self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.qkv_bias,
+            layer_norm_eps=self.layer_norm_eps, remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
+            attention=self.attention, scan=self.scan, name="transformer")(tokens, train)
         pred = Dense(math.prod(self.patch_size) * out_channels, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="pred",
                         kernel_init=_axes(nn.initializers.xavier_uniform(), ("decoder_embed", "patch")),
@@ -107,7 +108,8 @@ class MAE(nn.Module):
                                   self.decoder_heads, self.decoder_mlp_dim, kw.get("qkv_bias", True),
                                   kw.get("layer_norm_eps", 1e-6), pos_axis_order=kw.get("pos_axis_order"),
                                   dtype=self.dtype, param_dtype=self.param_dtype, pos_embed=self.decoder_pos_embed,
-                                  remat=kw.get("remat", False), attention=kw.get("attention", "auto"))
+                                  remat=kw.get("remat", False), attention=kw.get("attention", "auto"),
+                                  scan=kw.get("scan_blocks", False))
 
     def __call__(self, images: jax.Array, *, train: bool = False,
                  masking: Optional[masking_lib.Masking] = None):

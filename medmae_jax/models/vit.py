@@ -249,15 +249,82 @@ class Block(nn.Module):
     attention: str = "auto"  # see Attention.attention
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        drop_path = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)), rng_collection="droppath")
+    def __call__(self, x: jax.Array, train: bool = False, drop_rate: Optional[jax.Array] = None) -> jax.Array:
+        # ``drop_rate`` (traced) replaces the static ``drop_path`` inside a scan, where each layer has its own rate.
+        if drop_rate is None:
+            drop = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)), rng_collection="droppath")
+            drop_path = lambda h: drop(h, deterministic=not train)  # noqa: E731
+        else:
+            drop_path = lambda h: _drop_path(self, h, drop_rate, train)  # noqa: E731
         h = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")(x)
         h = Attention(self.num_heads, self.qkv_bias, self.attn_dropout, self.dtype, self.param_dtype, self.attention,
                       name="attn")(h, train=train)
-        x = x + drop_path(h, deterministic=not train)
+        x = x + drop_path(h)
         h = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")(x)
         h = Mlp(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name="mlp")(h, train=train)
-        return x + drop_path(h, deterministic=not train)
+        return x + drop_path(h)
+
+
+def _drop_path(module: nn.Module, x: jax.Array, rate: jax.Array, train: bool) -> jax.Array:
+    """Stochastic depth with a traced rate (one draw per example), as ``nn.Dropout`` with ``broadcast_dims``."""
+    if not train:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(module.make_rng("droppath"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class _ScannedBlock(nn.Module):
+    """One scan step: a block applied with this layer's drop-path rate; emits the block output as well."""
+
+    block_kwargs: dict
+    remat: bool | str = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, drop_rate: jax.Array, train: bool):
+        y = remat_block(Block, self.remat, static_argnums=(2,))(**self.block_kwargs, name="block")(x, train,
+                                                                                                   drop_rate)
+        return y, y
+
+
+def _stack_blocks(params: dict, depth: int) -> dict:
+    """Unrolled layout ``{block_0: t, ..., block_{n-1}: t}`` -> scanned ``{layers: {block: t with a depth axis}}``."""
+    if "block_0" not in params:  # nothing initialised yet
+        return params
+    blocks = [params[f"block_{i}"] for i in range(depth)]
+    stacked = jax.tree.map(lambda *leaves: _map_box(leaves, lambda vs: jnp.stack(vs), add_axis=True), *blocks,
+                           is_leaf=_is_box)
+    rest = {k: v for k, v in params.items() if not k.startswith("block_")}
+    return {**rest, "layers": {"block": stacked}}
+
+
+def _unstack_blocks(params: dict, depth: int) -> dict:
+    """Inverse of :func:`_stack_blocks`, so checkpoints and PyTorch conversion see the unrolled layout."""
+    if "layers" not in params:
+        return params
+    stacked = params["layers"]["block"]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(depth):
+        out[f"block_{i}"] = jax.tree.map(lambda leaf, i=i: _map_box([leaf], lambda vs: vs[0][i], add_axis=False),
+                                         stacked, is_leaf=_is_box)
+    return out
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _map_box(leaves, fn, add_axis: bool):
+    """Apply ``fn`` to the values of (possibly logically-partitioned) leaves, adding/removing the layer axis name."""
+    if not _is_box(leaves[0]):
+        return fn(list(leaves))
+    box = leaves[0]
+    value = fn([leaf.unbox() for leaf in leaves])
+    names = getattr(box, "names", None)
+    if names is None:
+        return box.replace_boxed(value)
+    names = (None,) + tuple(names) if add_axis else tuple(names)[1:]
+    return box.replace(value=value, names=names)
 
 
 class Transformer(nn.Module):
@@ -276,21 +343,58 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention: str = "auto"  # see Attention.attention
+    scan: bool = False       # one nn.scan over the blocks (compiles once); parameters keep the unrolled layout
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
-        block_cls = remat_block(Block, self.remat)
-        intermediates = []
-        for i in range(self.depth):
-            # Linearly increasing drop-path rate, as in timm/MAE.
-            rate = self.drop_path * i / max(self.depth - 1, 1)
-            x = block_cls(self.num_heads, self.mlp_dim, self.qkv_bias, self.dropout, self.attn_dropout, rate,
-                          self.layer_norm_eps, self.dtype, self.param_dtype, self.attention,
-                          name=f"block_{i}")(x, train)
-            intermediates.append(x)
+        if self.scan:
+            x, intermediates = self._scanned(x, train)
+        else:
+            x, intermediates = self._unrolled(x, train)
         if self.final_norm:
             x = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")(x)
         return x, intermediates
+
+    def _rates(self) -> list[float]:
+        # Linearly increasing drop-path rate, as in timm/MAE.
+        return [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
+
+    def _block_kwargs(self, rate: float) -> dict:
+        return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias, dropout=self.dropout,
+                    attn_dropout=self.attn_dropout, drop_path=rate, layer_norm_eps=self.layer_norm_eps,
+                    dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
+
+    def _scanned(self, x: jax.Array, train: bool):
+        depth = self.depth
+        scan = nn.scan(_ScannedBlock, variable_axes={"params": 0}, in_axes=(0, nn.broadcast),
+                       split_rngs={"params": True, "dropout": True, "droppath": True}, length=depth,
+                       metadata_params={nn.PARTITION_NAME: None})
+        rates = jnp.asarray(self._rates(), jnp.float32)
+        x, stacked = scan(self._block_kwargs(0.0), self.remat, name="layers")(x, rates, train)
+        return x, [stacked[i] for i in range(depth)]
+
+    def _unrolled(self, x: jax.Array, train: bool):
+        block_cls = remat_block(Block, self.remat)
+        intermediates = []
+        for i, rate in enumerate(self._rates()):
+            x = block_cls(**self._block_kwargs(rate), name=f"block_{i}")(x, train)
+            intermediates.append(x)
+        return x, intermediates
+
+
+def transformer_class(scan: bool, depth: int):
+    """:class:`Transformer`, or (``scan``) its scanned form seen from outside in the unrolled parameter layout.
+
+    The scanned stack stores ``layers/block`` with a leading depth axis; ``nn.map_variables`` converts to and from
+    ``block_0 .. block_{depth-1}`` (also at init), so checkpoints, fine-tuning and PyTorch conversion never see it.
+    """
+    if not scan:
+        return Transformer
+    def per_collection(fn):  # the mapping functions receive {collection: variables}
+        return lambda variables: {col: fn(dict(tree), depth) for col, tree in variables.items()}
+
+    return nn.map_variables(Transformer, "params", trans_in_fn=per_collection(_stack_blocks),
+                            trans_out_fn=per_collection(_unstack_blocks), init=True, mutable=True)
 
 
 class ViT(nn.Module):
@@ -321,6 +425,7 @@ class ViT(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention: str = "auto"  # 'auto' | 'xla' | 'cudnn' (see Attention.attention)
+    scan_blocks: bool = False  # nn.scan over the blocks: faster compile, same parameter layout
 
     def grid(self, spatial: Sequence[int]) -> tuple[int, ...]:
         bad = [s for s, p in zip(spatial, self.patch_size) if s % p]
@@ -369,9 +474,10 @@ class ViT(nn.Module):
             tokens = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, self.width)).astype(tokens.dtype),
                                       tokens], axis=1)
         tokens = nn.Dropout(self.dropout)(tokens, deterministic=not train)
-        return Transformer(self.depth, self.num_heads, self.mlp_dim, self.qkv_bias, self.dropout, self.attn_dropout,
-                           self.drop_path, self.layer_norm_eps, self.final_norm, self.remat, self.dtype,
-                           self.param_dtype, self.attention, name="transformer")(tokens, train)
+        return transformer_class(self.scan_blocks, self.depth)(
+            self.depth, self.num_heads, self.mlp_dim, self.qkv_bias, self.dropout, self.attn_dropout, self.drop_path,
+            self.layer_norm_eps, self.final_norm, self.remat, self.dtype, self.param_dtype, self.attention,
+            scan=self.scan_blocks, name="transformer")(tokens, train)
 
 
 def vit_kwargs(variant: Optional[str] = None, **overrides) -> dict:

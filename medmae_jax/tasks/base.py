@@ -10,6 +10,7 @@ import numpy as np
 
 from medmae_jax.data import cache as cache_lib
 from medmae_jax.data import sources
+from medmae_jax.models.builders import encoder_kwargs
 
 
 class Task:
@@ -46,7 +47,6 @@ class Task:
 
     def model_depth(self) -> int:
         """Encoder depth (for layer-wise lr decay)."""
-        from medmae_jax.tasks.model_builders import encoder_kwargs
         return encoder_kwargs(self.config.model)["depth"]
 
     def initial_params(self, params: Any) -> Any:

@@ -24,14 +24,19 @@ import numpy as np
 import optax
 
 from medmae_jax import paths
+from medmae_jax.checkpoint_files import config_from_checkpoint, find_checkpoint, restore_params
 from medmae_jax.data import augment_2d
 from medmae_jax.data.labels import CXR14_LABELS
-from medmae_jax.errors import ConfigError, ConversionError
+from medmae_jax.errors import ConfigError, ConversionError, EncoderMismatchError
 from medmae_jax.evaluate import sharded
 from medmae_jax.evaluate.metrics import AUCResult, roc_auc_per_class
+from medmae_jax.interop import vit_layouts
+from medmae_jax.interop.finetune_init import encoder_init_from_mae
+from medmae_jax.interop.torch_checkpoints import detect_layout, load_state_dict
+from medmae_jax.models.builders import dtype, encoder_kwargs, model_input
 from medmae_jax.models.classifier import ViTClassifier
+from medmae_jax.models.vit import sincos_position_table
 from medmae_jax.tasks import base
-from medmae_jax.tasks.model_builders import dtype, encoder_kwargs, model_input
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +139,7 @@ class ClassificationTask(base.Task):
         host = jax.device_get(params)
         new_encoder, report = _encoder_from(host["encoder"], source, self.grid, path)
         if self.cls.init_strict and (report.missing or report.unused):
-            raise ConversionError(f"{path}: the checkpoint's encoder does not fit the model "
+            raise EncoderMismatchError(f"{path}: the checkpoint's encoder does not fit the model "
                                   f"(set classification.init_strict=False to load it partially)\n{report}")
         log.info("init=%s from %s:\n%s", init, path, report)
         self.init_report = report
@@ -255,7 +260,6 @@ def _as_image(image) -> np.ndarray:
 def load_init_encoder(path: str, encoder_kw: Mapping) -> dict:
     """Params holding an ``encoder`` subtree from an orbax checkpoint / workdir or a PyTorch-layout file."""
     if paths.resolve(path).is_dir():
-        from medmae_jax.train.checkpoint import restore_params
         params, _ = restore_params(path)
         if not isinstance(params, Mapping) or "encoder" not in params:
             keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
@@ -263,8 +267,6 @@ def load_init_encoder(path: str, encoder_kw: Mapping) -> dict:
         return dict(params)
     if not paths.resolve(path).exists():
         raise ConfigError(f"config.init_checkpoint {path!r} does not exist")
-    from medmae_jax.interop import vit_layouts
-    from medmae_jax.interop.torch_checkpoints import detect_layout, load_state_dict
 
     state_dict = load_state_dict(path)
     layout = detect_layout(state_dict)
@@ -277,7 +279,6 @@ def load_init_encoder(path: str, encoder_kw: Mapping) -> dict:
     encoder = dict(params["encoder"])
     if "pos_embedding" not in encoder and cfg.get("grid") is not None:
         # A fixed sin-cos table (FAIR MAE): materialise it in the checkpoint's own channel order and grid.
-        from medmae_jax.models.vit import sincos_position_table
         width = int(cfg["encoder"]["width"])
         body = sincos_position_table(tuple(cfg["grid"]), width, axis_order=cfg["encoder"].get("pos_axis_order"))
         prefix = np.zeros((int(bool(cfg["encoder"].get("cls_token"))), width), np.float32)
@@ -286,12 +287,11 @@ def load_init_encoder(path: str, encoder_kw: Mapping) -> dict:
 
 
 def _encoder_from(target_encoder: Mapping, source: Mapping, grid, path: str):
-    from medmae_jax.interop.finetune_init import encoder_init_from_mae
 
     try:
         return encoder_init_from_mae(target_encoder, source, drop_cls=False, target_grid=grid)
     except ConversionError as err:
-        raise ConversionError(f"{path}: {err}") from err
+        raise EncoderMismatchError(f"{path}: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -306,13 +306,9 @@ def evaluate_checkpoint(config, checkpoint: str, split: str = "test", *, limit: 
     checkpoint, step, num_examples, mean_auc, per_class (None = undefined), undefined_labels,
     num_labels_defined, eval_loss, table (text). Pass ``task`` to reuse its compiled model across calls.
     """
-    from medmae_jax.train.checkpoint import find_checkpoint, restore_params
-
     params, meta = restore_params(checkpoint)
     if config is None:
-        if "config" not in meta:
-            raise ConfigError(f"{checkpoint}: no config saved with the checkpoint; pass --config")
-        config = ml_collections.ConfigDict(meta["config"])
+        config = config_from_checkpoint(checkpoint)
     if not isinstance(params, Mapping) or "head" not in params or "encoder" not in params:
         keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
         raise ConfigError(f"{checkpoint}: not a classifier checkpoint (params top level: {keys})")

@@ -13,8 +13,8 @@ from medmae_jax.data import augment
 from medmae_jax.data.pipeline import evaluation_batches
 from medmae_jax.evaluate import sharded
 from medmae_jax.models import mae as mae_lib
+from medmae_jax.models.builders import build_mae, encoder_kwargs, model_input
 from medmae_jax.tasks import base
-from medmae_jax.tasks.model_builders import build_mae, encoder_kwargs, model_input
 
 
 class PretrainTask(base.Task):
@@ -93,7 +93,7 @@ class PretrainTask(base.Task):
     def summary_images(self, params: Any, mesh, step: int) -> dict:
         """Original / masked / reconstruction of the first evaluation examples (4 in 2-D, 2 in 3-D), same masks
         every evaluation."""
-        from medmae_jax import summaries
+        from medmae_jax import summaries  # matplotlib only when drawing
         count = 4 if self.config.model.spatial_dims == 2 else 2
         source = self.source(self.config.data.eval_split)
         batch, real = next(evaluation_batches(source, count, augment.eval_transform(self.config), limit=count))

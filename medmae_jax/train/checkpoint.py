@@ -1,39 +1,34 @@
-"""Orbax checkpoints of the train state plus a JSON record (step, seed, data position, config).
+"""The train state's checkpoints: restore into sharded shapes, and params checked against a task's model.
 
-Saves are atomic (orbax writes to a temporary directory and renames it when
-complete), so a run killed at any moment resumes from the latest *complete*
-step. ``restore_params`` reads only the parameters of any checkpoint, for
-fine-tuning initialisation and evaluation.
+The file format (write, find, read params / record / config) lives in :mod:`medmae_jax.checkpoint_files`; its
+names are re-exported here so the trainer and the command line see one checkpoint API.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
-from medmae_jax import paths
-from medmae_jax.console import quiet_library_logs
+from medmae_jax.checkpoint_files import (
+    META,
+    STATE,
+    absolute,
+    config_from_checkpoint,
+    find_checkpoint,
+    manager,
+    read_meta,
+    restore_params,
+    save,
+)
 from medmae_jax.errors import ConfigError
+from medmae_jax.train.mesh import make_mesh, replicated
 
-STATE, META = "state", "meta"
-quiet_library_logs()  # orbax warns "Metadata file does not exist" on every params-only restore
-
-
-def manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
-    # Local paths made absolute; gs:// and other schemes kept as written (never a local "gs:" folder).
-    return ocp.CheckpointManager(paths.resolve(directory), options=options, item_names=(STATE, META))
-
-
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-    return mngr.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                                      META: ocp.args.JsonSave(meta)}), force=force)
+__all__ = ["META", "STATE", "absolute", "abstract_with_shardings", "config_from_checkpoint", "find_checkpoint",
+           "load_params", "manager", "read_meta", "restore", "restore_params", "save"]
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -47,41 +42,23 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
     return out[STATE], dict(out[META])
 
 
-def absolute(path: str) -> str:
-    """A local path made absolute (orbax reads only absolute paths); remote paths (``gs://...``) unchanged."""
-    return str(paths.resolve(path))
-
-
-def find_checkpoint(path: str) -> tuple[str, int]:
-    """(absolute checkpoints directory, step) from a workdir, its ``checkpoints`` dir or one step dir (latest step)."""
-    p = paths.resolve(path)
-    candidates = [p / "checkpoints", p]
-    for directory in candidates:
-        if directory.is_dir():
-            steps = sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / STATE).exists())
-            if steps:
-                return str(directory), steps[-1]
-    if p.name.isdigit() and (p / STATE).exists():
-        return str(p.parent), int(p.name)
-    raise ConfigError(f"{path}: no complete checkpoint found (expected a workdir, its checkpoints/ folder, "
-                      f"or a step folder containing '{STATE}/')")
-
-
-def read_meta(directory: str, step: int) -> dict:
-    """The JSON record saved with ``step`` (empty if absent)."""
-    meta_path = epath.Path(directory) / str(step) / META / "metadata"
-    return json.loads(meta_path.read_text()) if meta_path.exists() else {}
-
-
-def restore_params(path: str) -> tuple[Any, dict]:
-    """Host numpy params and the JSON record of the latest checkpoint under ``path`` (no target structure needed)."""
-    directory, step = find_checkpoint(path)
-    step_dir = epath.Path(directory) / str(step)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        metadata = ckptr.metadata(step_dir / STATE)
-        structure = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
-        tree = ckptr.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-    meta = read_meta(directory, step)
-    params = tree["params"] if isinstance(tree, dict) and "params" in tree else tree
-    return params, meta
+def load_params(task, path: str):
+    """Host params of the checkpoint at ``path``, checked against the task's model (names and shapes)."""
+    params, meta = restore_params(path)
+    params = jax.tree.map(np.asarray, params)
+    expected = nn.unbox(jax.eval_shape(task.init_variables, jax.random.key(0)))["params"]
+    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    bad = sorted(k for k in set(want) & set(got) if tuple(want[k]) != tuple(got[k]))
+    if missing or extra or bad:
+        lines = [f"{path}: checkpoint parameters do not fit the model of this config"]
+        if missing:
+            lines.append(f"missing ({len(missing)}): {', '.join(missing[:5])}")
+        if extra:
+            lines.append(f"unexpected ({len(extra)}): {', '.join(extra[:5])}")
+        for k in bad[:5]:
+            lines.append(f"{k}: checkpoint {tuple(got[k])}, model {tuple(want[k])}")
+        raise ConfigError("\n".join(lines))
+    # Replicated over the config's mesh, like the trainer's params: jitted predictors compiled for either are shared.
+    return jax.device_put(params, replicated(make_mesh(task.config.mesh))), meta

@@ -19,6 +19,8 @@ import jax
 
 from medmae_jax.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 ENV_COORDINATOR = "MEDMAE_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "MEDMAE_NUM_PROCESSES"
 ENV_PROCESS_ID = "MEDMAE_PROCESS_ID"
@@ -81,7 +83,7 @@ def initialize(value: Any) -> bool:
     collectives = os.environ.get(ENV_CPU_COLLECTIVES, "")
     if collectives:  # CPU processes need a collectives backend (gloo) to run cross-process programs
         jax.config.update("jax_cpu_collectives_implementation", collectives)
-    logging.info("jax.distributed.initialize(%s)", kwargs)
+    log.info("jax.distributed.initialize(%s)", kwargs)
     jax.distributed.initialize(**kwargs)
     return True
 

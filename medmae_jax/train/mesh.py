@@ -22,13 +22,14 @@ from jax.sharding import PartitionSpec as P
 
 from medmae_jax.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis (or None). Parameters are sharded over 'fsdp' along their embedding axis; with
 # fsdp=1 that is replication, so one table serves replicated, data-parallel and FSDP runs.
 DEFAULT_RULES = (
-    ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("decoder_embed", "fsdp"),
     ("mlp", None),
@@ -101,7 +102,7 @@ def _spec_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, 
         else:
             if axes and (name, dim) not in _warned:
                 _warned.add((name, dim))
-                logging.info("axis %s of size %d is not divisible by mesh axes %s; kept replicated", name, dim, axes)
+                log.info("axis %s of size %d is not divisible by mesh axes %s; kept replicated", name, dim, axes)
             spec.append(None)
     return P(*spec)
 

@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from medmae_jax.data import sources
+from medmae_jax.data.datasets.collection_info import read_collection_info
 from medmae_jax.errors import ConfigError, MedMAEError
 
 MIN_ROI_DATA_SHARE = 0.5  # a 3-D crop of the largest training volume must be at least this share data, not padding
@@ -77,7 +79,6 @@ def check_roi_fits(config, info: dict) -> None:
 
 def check_collection(config) -> None:
     """A collection built by ``build nifti``/``build images``: channel and class counts from its collection.json."""
-    from medmae_jax.data.datasets.collection_info import read_collection_info
     if not config.data.get("data_dir"):
         raise ConfigError(f"{config.data.name}: no data set named; pass dataset=NAME,data_dir=DATA_DIR to the config "
                           f"after medmae-jax build ... --data-dir DATA_DIR --name NAME")
@@ -101,7 +102,6 @@ def check_collection(config) -> None:
 
 def check_splits(config) -> None:
     """The train and eval splits exist and hold at least one example."""
-    from medmae_jax.data import sources
     if config.data.name in sources.SYNTHETIC or config.data.name in sources.IN_MEMORY:
         return  # generated or read into memory by the task itself
     for key in ("train_split", "eval_split"):

@@ -28,12 +28,14 @@ import optax
 
 from medmae_jax import console, paths
 from medmae_jax.data import pipeline
-from medmae_jax.errors import NonFiniteError
+from medmae_jax.errors import ConfigError, NonFiniteError
 from medmae_jax.tasks import get_task
 from medmae_jax.train import checkpoint as ckpt_lib
 from medmae_jax.train import distributed, optim, preflight
 from medmae_jax.train import mesh as mesh_lib
 from medmae_jax.train.metrics_writer import MetricsWriter
+
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -75,7 +77,7 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the current step and stopping")
+        log.warning("SIGTERM received: saving a checkpoint at the current step and stopping")
         self.requested = True
 
     def __exit__(self, *exc):
@@ -225,9 +227,9 @@ class Trainer:
             abstract = ckpt_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
             state, meta = ckpt_lib.restore(mngr, latest, abstract)
             if meta.get("seed") != config.seed:
-                raise ValueError(f"{workdir}: checkpoint was written with seed {meta.get('seed')}, config has "
+                raise ConfigError(f"{workdir}: checkpoint was written with seed {meta.get('seed')}, config has "
                                  f"{config.seed}; use a new workdir or the same seed")
-            logging.info("resumed from step %d in %s", latest, workdir)
+            log.info("resumed from step %d in %s", latest, workdir)
         else:
             state = self.init_state()
         start = int(jax.device_get(state.step))
@@ -314,7 +316,7 @@ class Trainer:
         metrics = self.task.evaluate(state.params, self.mesh, step)
         if metrics:
             writer.write(step, metrics, prefix="eval")
-            logging.info("step %d eval: %s", step, metrics)
+            log.info("step %d eval: %s", step, metrics)
             self._keep_best(state, step, metrics)
             if self.config.get("summary_images", True):
                 # Outside the step loop and the task's math: the task draws, process 0's writer writes.
@@ -338,7 +340,7 @@ class Trainer:
                     return
             meta = dict(self.meta(step), best={"metric": name, "value": float(value), "mode": mode})
             ckpt_lib.save(mngr, step, state, meta, force=True)
-            logging.info("step %d: new best %s = %.4f saved in %s", step, name, value, best_dir)
+            log.info("step %d: new best %s = %.4f saved in %s", step, name, value, best_dir)
         finally:
             mngr.wait_until_finished()
             mngr.close()

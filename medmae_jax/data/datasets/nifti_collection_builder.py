@@ -29,8 +29,15 @@ from medmae_jax.data.datasets.collection_info import (
     read_collection_info,  # noqa: F401 (re-exported)
     refuse_stale_reuse,
 )
-from medmae_jax.data.datasets.nifti_collection import Collection, CollectionCase, discover, strip_nifti_suffix, validate
-from medmae_jax.errors import ConfigError
+from medmae_jax.data.datasets.nifti_collection import (
+    Collection,
+    CollectionCase,
+    case_channels,
+    discover,
+    strip_nifti_suffix,
+    validate,
+)
+from medmae_jax.errors import ConfigError, DataError
 
 TFDS_NAME = "nifti_collection"
 DEFAULT_INTENSITY = {"ct": "ct-window:-175,250", "mr": "zscore-nonzero"}
@@ -218,8 +225,6 @@ def preprocess_files(paths, info: dict) -> dict:
     """New image file(s) (one 4-D file or one 3-D file per channel) preprocessed exactly as the collection was."""
     case = CollectionCase(strip_nifti_suffix(os.path.basename(paths[0])), tuple(os.fspath(p) for p in paths), None,
                           "--input", "test", "")
-    from medmae_jax.data.datasets.nifti_collection import case_channels
-    from medmae_jax.errors import DataError
     _, _, channels = case_channels(case)
     if channels != int(info["num_channels"]):
         raise DataError(paths[0], f"{channels} channel(s) given; the collection {info.get('name')!r} has "

@@ -47,10 +47,17 @@ def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], scale: int) ->
 
 
 class SyntheticChest2D:
-    """Chest-X-ray-like grayscale images (S, S, 1) uint8 with 14 multi-hot labels."""
+    """Chest-X-ray-like grayscale images (S, S, 1) uint8 with 14 multi-hot labels.
 
-    def __init__(self, num_examples: int = 512, image_size: int = 64, seed: int = 0):
+    ``noise`` scales the unpredictable part (fine mottle and pixel noise); ``shading`` > 0 adds a smooth exposure
+    ramp of that amplitude across the image in a random direction (as an X-ray tube's heel effect), structure that
+    continues from patch to patch, so an MAE can infer it for hidden patches from the visible ones.
+    """
+
+    def __init__(self, num_examples: int = 512, image_size: int = 64, seed: int = 0, noise: float = 1.0,
+                 shading: float = 0.0):
         self.num_examples, self.image_size, self.seed = int(num_examples), int(image_size), int(seed)
+        self.noise, self.shading = float(noise), float(shading)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -95,7 +102,11 @@ class SyntheticChest2D:
             haze = _ellipsoid((y, x), (0.0, side * 0.38), (0.5, 0.25)) * np.clip(_smooth_noise(rng, (s, s), 4), 0, None)
             img = img + 0.25 * haze
             labels[CXR14_LABELS.index("Infiltration")] = 1
-        img = img + 0.04 * _smooth_noise(rng, (s, s), max(s // 16, 2)) + 0.015 * rng.standard_normal((s, s))
+        img = img + self.noise * (0.04 * _smooth_noise(rng, (s, s), max(s // 16, 2))
+                                  + 0.015 * rng.standard_normal((s, s)))
+        if self.shading > 0:  # drawn last: the images without shading stay as they were
+            angle = rng.uniform(0, 2 * np.pi)
+            img = img + 0.5 * self.shading * (np.cos(angle) * y + np.sin(angle) * x)
         image = np.clip(img * 255.0, 0, 255).astype(np.uint8)[..., None]
         return {"image": image, "labels": labels, "index": np.int64(index)}
 

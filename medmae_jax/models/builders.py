@@ -26,7 +26,8 @@ def encoder_kwargs(m: Mapping) -> dict:
         patch = int(m["variant"].split("/")[1])
     kw["patch_size"] = (patch,) * m["spatial_dims"] if isinstance(patch, int) else tuple(patch)
     kw.update(qkv_bias=m["qkv_bias"], layer_norm_eps=m["layer_norm_eps"], drop_path=m["drop_path"],
-              dropout=m["dropout"], remat=m["remat"], attention=m.get("attention", "auto"))
+              dropout=m["dropout"], remat=m["remat"], attention=m.get("attention", "auto"),
+              scan_blocks=bool(m.get("scan_blocks", False)))
     return kw
 
 
