@@ -14,10 +14,10 @@ from medmae_jax.main import main
 
 TRAIN_2D = [f"--config={REPO}/configs/cxr14_mae.py:quick,data=synthetic", "--config.num_train_steps=4",
             "--config.data.num_train=16", "--config.data.num_eval=4", "--config.checkpoint.async_save=false",
-            "--config.data.loader_threads=2"]
+            "--config.data.loader_threads=2", "--config.checkpoint.every_steps=3"]
 TRAIN_UNETR = [f"--config={REPO}/configs/btcv_unetr.py:quick,data=synthetic", "--config.num_train_steps=2",
                "--config.batch_size=1", "--config.data.num_eval=2", "--config.checkpoint.async_save=false",
-               "--config.data.loader_threads=2"]
+               "--config.data.loader_threads=2", "--config.checkpoint.every_steps=3"]
 BAR = re.compile(r"\d+/\d+ \[\d+:\d+<")  # tqdm's "n/total [elapsed<remaining": a bar with an ETA
 
 

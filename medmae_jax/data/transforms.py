@@ -123,6 +123,19 @@ def crop(x: np.ndarray, start: Sequence[int], stop: Sequence[int]) -> np.ndarray
     return x[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))]
 
 
+def crop_case_to_foreground(image: np.ndarray, label, geometry, source=None):
+    """Crops a case to the foreground box of ``source`` (default: the image) grown to hold every labelled voxel.
+
+    Returns ``(image, label, geometry)``; the geometry records the crop so predictions map back to the file.
+    """
+    start, stop = foreground_box(image if source is None else source)
+    if label is not None and label.any():
+        lstart, lstop = foreground_box(label)
+        start, stop = np.minimum(start, lstart), np.maximum(stop, lstop)
+    label = None if label is None else crop(label, start, stop)
+    return crop(image, start, stop), label, geometry.with_crop(start, stop)
+
+
 def crop_foreground(source: np.ndarray, *arrays: np.ndarray, threshold: float = 0.0, margin: int = 0):
     """Crops ``source`` and every array in ``arrays`` to the foreground box of ``source``.
 

@@ -134,13 +134,7 @@ def preprocess(image_path: str, label_path: Optional[str], config: MsdBrainTumou
     geometry = case.geometry
     image, label = case.image, case.label
     if config.crop_foreground:
-        start, stop = transforms.foreground_box(image)
-        if label is not None and label.any():
-            lstart, lstop = transforms.foreground_box(label)
-            start, stop = np.minimum(start, lstart), np.maximum(stop, lstop)
-        geometry = geometry.with_crop(start, stop)
-        image = transforms.crop(image, start, stop)
-        label = None if label is None else transforms.crop(label, start, stop)
+        image, label, geometry = transforms.crop_case_to_foreground(image, label, geometry)
     image = np.ascontiguousarray(transforms.normalize_nonzero(image, channel_axis=-1))
     if label is not None:
         label = np.ascontiguousarray(label, np.uint8)

@@ -96,13 +96,8 @@ def preprocess(case: CollectionCase, class_values: list[int], prep: Preprocessin
     image, foreground = normalize(image, prep.intensity)
     if prep.crop_foreground:
         source = foreground if foreground.any() else np.ones_like(foreground)
-        start, stop = transforms.foreground_box(source.astype(np.uint8))
-        if label is not None and label.any():
-            lstart, lstop = transforms.foreground_box(label)
-            start, stop = np.minimum(start, lstart), np.maximum(stop, lstop)
-        geometry = geometry.with_crop(start, stop)
-        image = transforms.crop(image, start, stop)
-        label = None if label is None else transforms.crop(label, start, stop)
+        image, label, geometry = transforms.crop_case_to_foreground(image, label, geometry,
+                                                                    source.astype(np.uint8))
     if label is not None:
         label = (np.searchsorted(np.asarray(class_values), label).astype(np.uint8) if class_values
                  else label.astype(np.uint8))
