@@ -196,7 +196,9 @@ def test_quick_synthetic_finetune_and_eval(tmp_path):
     # the evaluation's Dice is the metrics module's Dice of the task's own prediction
     from medmae_jax.evaluate.segmentation_eval import evaluate_split
     params = jax.device_get(result.state.params)
-    split = evaluate_split(result.task, params, "validation", limit=1, hd95=False)
+    task = result.task
+    split = evaluate_split(task.predictor(params), task.source("validation"), task.labels, split="validation", limit=1,
+                           hd95=False)
     ex = result.task.source("validation")[0]
     pred = result.task.predict(params, ex["image"])
     expected = metrics_lib.dice_per_class(pred, ex["label"], tuple(range(1, 14)))

@@ -63,8 +63,9 @@ task = get_task(load_config("configs/btcv_unetr.py:quick,data=synthetic"))
 params = init(task)
 s = task.config.segmentation
 split = task.config.data.eval_split
-res4 = evaluate_split(task, params, split, hd95=True, original=False, mesh=mesh4)
-res1 = evaluate_split(task, params, split, hd95=True, original=False, mesh=None)
+res4 = evaluate_split(task.predictor(params, mesh=mesh4), task.source(split), task.labels, split=split, hd95=True,
+                      original=False)
+res1 = evaluate_split(task.predictor(params), task.source(split), task.labels, split=split, hd95=True, original=False)
 image = np.asarray(task.source(split)[0]["image"], np.float32)
 image = image if image.ndim == 4 else image[..., None]
 p4 = task.predict(params, image, probabilities=True, mesh=mesh4)

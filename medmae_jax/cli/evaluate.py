@@ -77,13 +77,14 @@ def run(args, overrides) -> int:
             name, eq, other = item.partition("=")
             if not eq or not name or not other:
                 raise ConfigError(f"--compare {item!r}: expected NAME=CHECKPOINT")
-            compare[name] = load_params(task, checkpoint_path(other))[0]
+            compare[name] = task.predictor(load_params(task, checkpoint_path(other))[0])
         source = task.source(split)
         total = len(source) if args.limit is None else min(len(source), int(args.limit))
         with progress_bar(total=total, desc=f"evaluate {split}", unit="case") as bar:
-            result = evaluate_split(task, params, split, limit=args.limit, hd95=not args.no_hd95,
-                                    manual_dir=args.manual_dir, figures_dir=args.figures or "",
-                                    max_figures=args.max_figures, compare=compare, source=ProgressSource(source, bar))
+            result = evaluate_split(task.predictor(params), ProgressSource(source, bar), task.labels, split=split,
+                                    limit=args.limit, hd95=not args.no_hd95, manual_dir=args.manual_dir,
+                                    data_name=f"{config.data.name} {config.data.get('tfds_name', '')}",
+                                    figures_dir=args.figures or "", max_figures=args.max_figures, compare=compare)
             bar.update(total - bar.n)
         figures = min(int(args.max_figures), len(result.cases)) if args.figures else 0
         if not result.cases:

@@ -5,6 +5,7 @@ A numpy-only leaf: data builders, metrics, tasks and the command line all read t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -106,3 +107,50 @@ def class_names(config) -> tuple[str, ...]:
     if s.num_classes == len(BTCV_LABELS) + 1:
         return tuple(BTCV_LABELS[c] for c in range(1, s.num_classes))
     return tuple(f"class_{c}" for c in range(1, s.num_classes))
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationLabels:
+    """How a segmentation model's outputs and a data set's label maps are read and reported: everything evaluation
+    needs to know about labels, so that it needs no task or model."""
+
+    kind: str                       # "multiclass": one label map | "regions": one sigmoid mask per region
+    names: tuple[str, ...]          # reported names, in report order
+    channels: tuple[int, ...]       # label value (multiclass) or model output channel (regions) of each name
+    regions: tuple[str, ...] = ()   # the model's output regions in channel order (regions)
+    convention: str = "msd"         # label numbering that makes the regions (regions; see REGION_CONVENTIONS)
+    btcv: bool = False              # the 14-class BTCV label set: also report the 8-organ mean
+
+    @classmethod
+    def from_config(cls, config) -> "SegmentationLabels":
+        """The conventions of ``config.segmentation``; regions are reported as WT, TC, ET when present."""
+        s = config.segmentation
+        if s.kind == "regions":
+            regions = tuple(s.regions)
+            names = tuple([r for r in REGIONS if r in regions] + [r for r in regions if r not in REGIONS])
+            return cls("regions", names, tuple(regions.index(r) for r in names), regions, str(s.label_convention))
+        btcv = int(s.num_classes) == BTCV_NUM_CLASSES and not s.get("class_names")
+        return cls("multiclass", class_names(config), tuple(range(1, int(s.num_classes))), btcv=btcv)
+
+    def targets(self, label: np.ndarray) -> np.ndarray:
+        """Ground truth as reported: the label map (multiclass) or boolean region masks in report order."""
+        if self.kind == "regions":
+            return label_to_regions(label, self.regions, self.convention)[..., list(self.channels)].astype(bool)
+        return label
+
+    def reported(self, prediction: np.ndarray) -> np.ndarray:
+        """A prediction as reported: the label map (multiclass) or the region masks in report order."""
+        return prediction[..., list(self.channels)] if self.kind == "regions" else prediction
+
+    def label_map(self, prediction: np.ndarray) -> np.ndarray:
+        """A prediction as a label map of the data set's numbering (region masks painted WT, TC, ET)."""
+        if self.kind == "regions":
+            return regions_to_label(prediction, self.regions, self.convention)
+        return prediction
+
+    def figure_class_names(self) -> list[str]:
+        """Legend names of the label values 1.. drawn in overlays."""
+        if self.kind == "regions":
+            names = MSD_LABEL_NAMES if self.convention == "msd" else {}
+            return [names.get(v, f"label {v}") for v in range(1, 5)]
+        return list(self.names)

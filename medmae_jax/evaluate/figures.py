@@ -18,8 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from medmae_jax.data import labels  # noqa: E402
-from medmae_jax.data.labels import MSD_LABEL_NAMES  # noqa: E402
+from medmae_jax.data.labels import SegmentationLabels  # noqa: E402
 
 
 def label_colormap(num_labels: int) -> ListedColormap:
@@ -104,18 +103,12 @@ def save_segmentation_figure(path: str, image: np.ndarray, label: Optional[np.nd
     return path
 
 
-def save_case_figure(path: str, image: np.ndarray, label: np.ndarray, pred: np.ndarray, config, *,
-                     title: str = "", others: Optional[Mapping[str, np.ndarray]] = None) -> str:
-    """Overlay figure of one evaluated case for a segmentation config: the prediction, then ``others``
-    (``{column name: prediction}``); region masks are drawn as label maps of the config's convention."""
-    s = config.segmentation
-    if s.kind == "regions":
-        as_map = lambda p: labels.regions_to_label(p, tuple(s.regions), s.label_convention)  # noqa: E731
-        names = MSD_LABEL_NAMES if s.label_convention == "msd" else {}
-        class_names = [names.get(v, f"label {v}") for v in range(1, 5)]
-    else:
-        as_map = lambda p: p  # noqa: E731
-        class_names = list(labels.class_names(config))
-    preds = {"prediction": as_map(pred)}
-    preds.update({name: as_map(p) for name, p in (others or {}).items()})
-    return save_segmentation_figure(path, image, label, preds, class_names=class_names, title=title)
+def save_case_figure(path: str, image: np.ndarray, label: np.ndarray, pred: np.ndarray,
+                     conventions: SegmentationLabels, *, title: str = "",
+                     others: Optional[Mapping[str, np.ndarray]] = None) -> str:
+    """Overlay figure of one evaluated case: the prediction, then ``others`` (``{column name: prediction}``);
+    region masks are drawn as label maps of the data set's numbering."""
+    preds = {"prediction": conventions.label_map(pred)}
+    preds.update({name: conventions.label_map(p) for name, p in (others or {}).items()})
+    return save_segmentation_figure(path, image, label, preds, class_names=conventions.figure_class_names(),
+                                    title=title)

@@ -1,4 +1,4 @@
-"""Whole-volume evaluation of a segmentation task: sliding windows over each case, per-class Dice and HD95.
+"""Whole-volume evaluation of a segmentation predictor over a split: per-class Dice and HD95 of every case.
 
 Per case: the prediction on the preprocessed (resampled) grid is compared with the stored
 label map there (Dice, HD95 in voxels as the references report it, and in mm of that grid);
@@ -16,17 +16,18 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
 from medmae_jax.data import nifti
-from medmae_jax.data.labels import BTCV_8_ORGANS, BTCV_LABELS, REGIONS, class_names
+from medmae_jax.data.labels import BTCV_8_ORGANS, SegmentationLabels
 from medmae_jax.evaluate import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
 
-REPORT_REGION_ORDER = REGIONS
+#: One volume ``(*spatial, C)`` -> a label map (multiclass) or region masks ``(*spatial, R)`` (regions).
+Predictor = Callable[[np.ndarray], np.ndarray]
 
 
 def _as_str(x) -> str:
@@ -154,17 +155,6 @@ class SplitResult:
         return "\n".join(lines)
 
 
-def report_order(config) -> tuple[tuple[str, ...], list[int]]:
-    """(reported names, output channel of each) — regions reported as WT, TC, ET when present."""
-    s = config.segmentation
-    if s.kind == "regions":
-        regions = list(s.regions)
-        names = [r for r in REPORT_REGION_ORDER if r in regions] + [r for r in regions if r not in REPORT_REGION_ORDER]
-        return tuple(names), [regions.index(r) for r in names]
-    names = class_names(config)
-    return names, list(range(1, int(s.num_classes)))
-
-
 def _geometry(example):
     if "original_affine" not in example or "crop_box" not in example:
         return None
@@ -196,14 +186,6 @@ def original_label_path(data_name: str, manual_dir: str, image_file: str) -> Opt
     return next((c for c in candidates if os.path.isfile(c)), None)
 
 
-def _targets(task, label: np.ndarray, channels: Sequence[int]) -> np.ndarray:
-    """Ground truth as reported: a label map (multiclass) or region masks in report order (regions)."""
-    s = task.config.segmentation
-    if s.kind == "regions":
-        return task.target_of(label)[..., list(channels)].astype(bool)
-    return label
-
-
 def _case_metrics(kind: str, pred, target, channels, names, spacing, hd95: bool):
     if kind == "regions":
         p, t = np.asarray(pred).astype(bool), np.asarray(target).astype(bool)
@@ -231,26 +213,23 @@ def _region_dice(p: np.ndarray, t: np.ndarray) -> np.ndarray:
     return d
 
 
-def evaluate_split(task, params: Any, split: str, *, limit: Optional[int] = None, hd95: bool = True,
-                   original: Optional[bool] = None, manual_dir: str = "", figures_dir: str = "",
-                   max_figures: int = 4, compare: Optional[dict] = None, source=None, mesh=None) -> SplitResult:
-    """Sliding-window evaluation of ``task`` (a SegmentationTask) with ``params`` on ``split``.
+def evaluate_split(predict: Predictor, source, conventions: SegmentationLabels, *, split: str,
+                   limit: Optional[int] = None, hd95: bool = True, original: Optional[bool] = None,
+                   manual_dir: str = "", data_name: str = "", figures_dir: str = "", max_figures: int = 4,
+                   compare: Optional[Mapping[str, Predictor]] = None) -> SplitResult:
+    """Whole-volume evaluation of the labelled cases of ``source`` (the examples of ``split``).
 
-    ``limit``: at most this many volumes. ``hd95``: also HD95 (voxels; mm when the example has a
-    spacing). ``original`` (default: with ``hd95``): also the metrics in each file's original
-    geometry, against the label file under ``manual_dir`` when found. ``figures_dir``: overlays
-    of the first ``max_figures`` cases (see :mod:`medmae_jax.evaluate.figures`); ``compare``
-    (``{name: params}`` of the same model, e.g. the from-scratch run) adds their predictions as
-    further columns, like the paper's scratch-vs-MAE figures. ``mesh``: split each case's windows over its
-    devices (every process reads the case; the prediction comes back to each).
+    ``predict`` maps one volume ``(*spatial, C)`` to the model's prediction: a label map (multiclass) or region masks
+    in the model's channel order (regions); ``conventions`` says how predictions and label maps are read and
+    reported. ``limit``: at most this many volumes. ``hd95``: also HD95 (voxels; mm when the example has a spacing).
+    ``original`` (default: with ``hd95``): also the metrics in each file's original geometry, against the label file
+    under ``manual_dir`` (the data set ``data_name``'s download folder) when found. ``figures_dir``: overlays of the
+    first ``max_figures`` cases (see :mod:`medmae_jax.evaluate.figures`); ``compare`` (``{name: predictor}``, e.g.
+    the from-scratch run) adds their predictions as further columns, like the paper's scratch-vs-MAE figures.
     """
-    config = task.config
-    s = config.segmentation
-    names, channels = report_order(config)
-    source = task.source(split) if source is None else source
+    names, channels = conventions.names, conventions.channels
     n = len(source) if limit is None else min(len(source), int(limit))
     original = hd95 if original is None else original
-    data_name = f"{config.data.name} {config.data.get('tfds_name', '')}"
     cases: list[CaseResult] = []
     unlabelled = 0
     figures = 0
@@ -264,12 +243,11 @@ def evaluate_split(task, params: Any, split: str, *, limit: Optional[int] = None
         image = np.asarray(ex["image"], np.float32)
         if image.ndim == 3:
             image = image[..., None]
-        pred = task.predict(params, image, mesh=mesh)
-        pred_r = pred[..., list(channels)] if s.kind == "regions" else pred
-        target = _targets(task, label, channels)
+        pred = predict(image)
         pixdim = np.asarray(ex["pixdim"], np.float64) if "pixdim" in ex else None
         spacing = tuple(pixdim) if pixdim is not None and np.all(pixdim > 0) else None
-        dice, hd_vox, hd_mm = _case_metrics(s.kind, pred_r, target, channels, names, spacing, hd95)
+        dice, hd_vox, hd_mm = _case_metrics(conventions.kind, conventions.reported(pred), conventions.targets(label),
+                                            channels, names, spacing, hd95)
         result = CaseResult(case_id, np.asarray(dice, np.float64),
                             None if hd_vox is None else np.asarray(hd_vox, np.float64),
                             None if hd_mm is None else np.asarray(hd_mm, np.float64))
@@ -283,19 +261,16 @@ def evaluate_split(task, params: Any, split: str, *, limit: Optional[int] = None
             else:
                 label_o = nifti.to_original(label, geometry, mode="nearest")
                 result.original_label = "mapped back"
-            if s.kind == "regions":
-                pred_o = pred_o[..., list(channels)]
-            target_o = _targets(task, label_o, channels)
-            d_o, _, hd_o = _case_metrics(s.kind, pred_o, target_o, channels, names, tuple(geometry.spacing), True)
+            d_o, _, hd_o = _case_metrics(conventions.kind, conventions.reported(pred_o), conventions.targets(label_o),
+                                         channels, names, tuple(geometry.spacing), True)
             result.dice_original, result.hd95_mm_original = np.asarray(d_o), np.asarray(hd_o)
         cases.append(result)
         if figures_dir and figures < max_figures:
             from medmae_jax.evaluate.figures import save_case_figure  # matplotlib only when drawing
             os.makedirs(figures_dir, exist_ok=True)
-            others = {name: task.predict(p, image) for name, p in (compare or {}).items()}
-            save_case_figure(os.path.join(figures_dir, f"{case_id}.png"), image, label, pred, config,
+            others = {name: other(image) for name, other in (compare or {}).items()}
+            save_case_figure(os.path.join(figures_dir, f"{case_id}.png"), image, label, pred, conventions,
                              title=f"{case_id} ({split})", others=others)
             figures += 1
         log.info("%s %s: mean Dice %.4f", split, case_id, float(_nanmean(result.dice)))
-    btcv = s.kind == "multiclass" and int(s.num_classes) == len(BTCV_LABELS) + 1 and not s.get("class_names")
-    return SplitResult(split, s.kind, names, cases, btcv=btcv, unlabelled=unlabelled)
+    return SplitResult(split, conventions.kind, names, cases, btcv=conventions.btcv, unlabelled=unlabelled)

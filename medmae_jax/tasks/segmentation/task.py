@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medmae_jax.checkpoint_files import restore_params
-from medmae_jax.data.labels import label_to_regions, region_definition, regions_to_label
+from medmae_jax.data.labels import SegmentationLabels, label_to_regions, region_definition, regions_to_label
 from medmae_jax.errors import ConfigError
 from medmae_jax.evaluate.segmentation_eval import evaluate_split
 from medmae_jax.evaluate.sliding_window import predict_volume
@@ -169,14 +169,23 @@ class SegmentationTask(base.Task):
         out = np.asarray(jax.device_get(out))[0]
         return out.astype(np.uint8) if not probabilities else out
 
+    def predictor(self, params: Any, *, mesh=None) -> Callable[[np.ndarray], np.ndarray]:
+        """:meth:`predict` with ``params`` (and the windows split over ``mesh``) bound: what evaluation calls."""
+        return lambda image: self.predict(params, image, mesh=mesh)
+
+    @property
+    def labels(self) -> SegmentationLabels:
+        """How this task's outputs and the data set's label maps are read and reported."""
+        return SegmentationLabels.from_config(self.config)
+
     def evaluate(self, params: Any, mesh, step: int) -> dict:
         """Mean Dice (and per-class Dice; HD95 with ``eval_hd95``) over the eval split by sliding windows."""
         s = self.config.segmentation
         if int(s.eval_limit) == 0:
             return {}
-        result = evaluate_split(self, params, self.config.data.eval_split,
-                                limit=None if int(s.eval_limit) < 0 else int(s.eval_limit), hd95=bool(s.eval_hd95),
-                                mesh=mesh)
+        split = self.config.data.eval_split
+        result = evaluate_split(self.predictor(params, mesh=mesh), self.source(split), self.labels, split=split,
+                                limit=None if int(s.eval_limit) < 0 else int(s.eval_limit), hd95=bool(s.eval_hd95))
         return result.scalar_metrics()
 
     def summary_images(self, params: Any, mesh, step: int) -> dict:
