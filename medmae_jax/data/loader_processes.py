@@ -82,7 +82,11 @@ class ProcessBatches:
         per_worker = max(1, -(-int(prefetch) // int(num_workers)))  # ceil: at least `prefetch` batches in flight
         options = grain.multiprocessing.MultiprocessingOptions(num_workers=int(num_workers),
                                                                per_worker_buffer_size=per_worker)
-        self._iterator = iter(steps.to_iter_dataset().mp_prefetch(options, worker_init_fn=worker_init))
+        # One batch at a time in each worker: grain's default ReadOptions would prefetch up to 500 batches in 16
+        # threads inside every worker (gigabytes of 3-D crops, and GIL contention); the depth is set above.
+        sequential = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        self._iterator = iter(steps.to_iter_dataset(read_options=sequential).mp_prefetch(
+            options, worker_init_fn=worker_init))
         self._closed = False
 
     def __next__(self):
