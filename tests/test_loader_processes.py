@@ -174,3 +174,14 @@ def test_training_with_worker_processes_matches_threads(tmp_path):
     threads, processes = _losses(tmp_path / "threads"), _losses(tmp_path / "processes")
     assert len(threads) == 2 and processes == threads
     assert not _children()
+
+
+@pytest.mark.slow
+def test_input_benchmark_reports_worker_processes():
+    out = subprocess.run([sys.executable, "-m", "medmae_jax.main", "benchmark", "--what", "input", "--config",
+                          f"{REPO}/configs/btcv_unetr.py:quick,data=synthetic", "--examples", "2", "--threads", "1",
+                          "--worker-processes", "1"], capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    for r in records[:2]:
+        assert r["worker_processes"] == 1 and r["crops_per_s_per_host_processes"] > 0 and r["first_batch_s"] > 0
