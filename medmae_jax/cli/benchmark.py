@@ -40,6 +40,9 @@ def add_arguments(parser):
     parser.add_argument("--num-classes", type=int, default=14, help="UNETR output channels (BTCV: 14)")
     parser.add_argument("--feature-size", type=int, default=16, help="UNETR decoder feature size")
     parser.add_argument("--examples", type=int, default=8, help="input: examples timed per setting")
+    parser.add_argument("--worker-processes", type=int, default=None,
+                        help="input: also time this many loader worker processes beside the threads "
+                             "(default: data.worker_processes; 0: threads only)")
     parser.add_argument("--synthetic-volume", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                         help="input: build BTCV-layout phantoms of this size (e.g. 204 153 180) and read those")
 
@@ -64,7 +67,7 @@ def run(args, overrides) -> int:
         for assignment in overrides:
             apply_override(config, assignment)
         input_pipeline.run(config, examples=args.examples, threads=args.threads,
-                           synthetic_volume=args.synthetic_volume)
+                           synthetic_volume=args.synthetic_volume, processes=args.worker_processes)
         return 0
 
     steps = args.steps if args.steps is not None else (1 if args.what == "sliding_window" else 5)

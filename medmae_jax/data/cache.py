@@ -52,6 +52,18 @@ class CachedSource:
     def __len__(self) -> int:
         return len(self.source)
 
+    def __getstate__(self) -> dict:
+        """Pickled for a loader worker process: the source, ``prepare`` and budget travel, the cached examples and
+        the lock do not (each worker fills its own cache, up to the same budget)."""
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state.update(_cache={}, cached_bytes=0, _full_reported=False)
+        return state
+
+    def __setstate__(self, state: dict):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         hit = self._cache.get(index)

@@ -6,6 +6,10 @@ transform from the stream position. The global batch of step ``s`` is stream
 positions ``[s * B, (s + 1) * B)``; process ``p`` of ``P`` loads its contiguous
 ``B / P`` share. Resuming at step ``s`` therefore replays exactly the same
 batches, with no iterator state to checkpoint beyond the step number.
+
+``BatchLoader`` builds examples in threads (``data.loader_threads``) or, with
+``data.worker_processes`` > 0, whole batches in spawned worker processes
+(``loader_processes.py``); both give bit-identical batches for the same seed and step.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Callable, Iterator, Optional
 import grain
 import jax
 import numpy as np
+
+from medmae_jax.data import loader_processes
 
 Example = dict
 RandomTransform = Callable[[Example, np.random.Generator], Example]
@@ -47,11 +53,34 @@ def stack_examples(examples: list[Example]) -> dict:
     return out
 
 
+class StepBatch:
+    """``step -> (step, this process's share of that step's global batch)``: a picklable job for a worker process."""
+
+    def __init__(self, stream, global_batch_size: int, local_batch_size: int, process_index: int):
+        self.stream = stream
+        self.global_batch_size, self.local_batch_size = int(global_batch_size), int(local_batch_size)
+        self.process_index = int(process_index)
+
+    def positions(self, step: int) -> range:
+        start = int(step) * self.global_batch_size + self.process_index * self.local_batch_size
+        return range(start, start + self.local_batch_size)
+
+    def __call__(self, step: int) -> tuple[int, dict]:
+        return int(step), stack_examples([self.stream[i] for i in self.positions(step)])
+
+
 class BatchLoader:
-    """Iterates this process's share of global batches from ``start_step`` on, prefetching in threads."""
+    """Iterates this process's share of global batches from ``start_step`` on, prefetching in threads or, with
+    ``num_processes`` > 0, in that many worker processes (each builds whole batches; see ``loader_processes``).
+
+    With processes, each worker unpickles its own copy of ``stream``: a ``CachedSource`` in it is one cache per
+    worker (up to ``num_processes`` x its budget per host). ``close()`` stops the workers; call it (or use the
+    loader as a context manager) on every exit path.
+    """
 
     def __init__(self, stream, global_batch_size: int, *, start_step: int = 0, num_threads: int = 4,
-                 prefetch: int = 2, process_index: Optional[int] = None, process_count: Optional[int] = None):
+                 prefetch: int = 2, process_index: Optional[int] = None, process_count: Optional[int] = None,
+                 num_processes: int = 0):
         self.stream = stream
         self.global_batch_size = int(global_batch_size)
         self.process_index = jax.process_index() if process_index is None else process_index
@@ -64,10 +93,14 @@ class BatchLoader:
         self._prefetch = max(prefetch, 1)
         self._pending: "queue.Queue" = queue.Queue()
         self._next_to_submit = self.step
+        self._step_batch = StepBatch(stream, self.global_batch_size, self.local_batch_size, self.process_index)
+        self._processes = None
+        if num_processes and num_processes > 0:
+            self._processes = loader_processes.ProcessBatches(self._step_batch, self.step, int(num_processes),
+                                                              self._prefetch)
 
     def positions(self, step: int) -> range:
-        start = step * self.global_batch_size + self.process_index * self.local_batch_size
-        return range(start, start + self.local_batch_size)
+        return self._step_batch.positions(step)
 
     def load(self, step: int) -> dict:
         """This process's share of the global batch of ``step`` (synchronous)."""
@@ -83,6 +116,12 @@ class BatchLoader:
         return self
 
     def __next__(self) -> dict:
+        if self._processes is not None:
+            step, batch = next(self._processes)
+            if step != self.step:
+                raise RuntimeError(f"worker processes returned the batch of step {step}, expected {self.step}")
+            self.step += 1
+            return batch
         while self._pending.qsize() < self._prefetch:
             self._submit()
         step, futures = self._pending.get()
@@ -92,6 +131,14 @@ class BatchLoader:
 
     def close(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.close()
+
+    def __enter__(self) -> "BatchLoader":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def to_global_arrays(local_batch: dict, sharding: jax.sharding.NamedSharding) -> dict:

@@ -190,7 +190,8 @@ class Trainer:
         stream = pipeline.example_stream(self.train_source, seed=self.config.seed, shuffle=True,
                                          transform=self.task.train_transform())
         return pipeline.BatchLoader(stream, self.config.batch_size, start_step=start_step,
-                                    num_threads=self.config.data.loader_threads, prefetch=self.config.data.prefetch)
+                                    num_threads=self.config.data.loader_threads, prefetch=self.config.data.prefetch,
+                                    num_processes=int(self.config.data.get("worker_processes", 0)))
 
     def device_batch(self, local: dict) -> dict:
         local = self.task.fold_rows({k: local[k] for k in self.task.batch_keys()})
