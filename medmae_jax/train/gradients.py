@@ -56,9 +56,9 @@ def gradients_at(trainer: Trainer, steps: Iterable[int]) -> dict[int, dict]:
         if step < 0:
             raise ConfigError(f"gradient step {step}: steps start at 0")
         state = state_at(trainer, step)
-        loader = trainer.batches(step)
+        loader = trainer.batches(step)  # the training loop's own loader (threads or worker processes)
         try:
-            batch = trainer.device_batch(loader.load(step))
+            batch = trainer.device_batch(next(loader))
         finally:
             loader.close()
         (loss, metrics), grads = trainer.loss_and_grads(state, batch, trainer.base_rng)
