@@ -72,6 +72,7 @@ def _is_resource_tracker(pid: int) -> bool:
 def _assert_same(a: dict, b: dict):
     assert a.keys() == b.keys()
     for key in a:
+        assert type(a[key]) is type(b[key])
         np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
 
 
@@ -88,14 +89,17 @@ def test_processes_give_the_thread_batches_and_resume_exactly():
     assert not multiprocessing.active_children() and not _children()
 
 
-def test_workers_are_cpu_only_and_close_leaves_no_children():
+def test_workers_are_cpu_only_outlive_sigterm_and_close_leaves_no_children():
     batches = loader_processes.ProcessBatches(worker_report, 0, 2, 2)
     try:
         for step in range(2):
             got_step, report = next(batches)
             assert got_step == step
             assert report == {"platforms": "cpu", "backends": False}
-        assert len(_children()) >= 2
+        workers = _children()
+        assert len(workers) >= 2
+        os.kill(workers[0], signal.SIGTERM)  # a process-group SIGTERM is the parent's to handle, not the workers'
+        assert next(batches)[0] == 2 and next(batches)[0] == 3 and _alive(workers[0])
     finally:
         batches.close()
     assert not multiprocessing.active_children() and not _children()
@@ -170,3 +174,14 @@ def test_training_with_worker_processes_matches_threads(tmp_path):
     threads, processes = _losses(tmp_path / "threads"), _losses(tmp_path / "processes")
     assert len(threads) == 2 and processes == threads
     assert not _children()
+
+
+@pytest.mark.slow
+def test_input_benchmark_reports_worker_processes():
+    out = subprocess.run([sys.executable, "-m", "medmae_jax.main", "benchmark", "--what", "input", "--config",
+                          f"{REPO}/configs/btcv_unetr.py:quick,data=synthetic", "--examples", "2", "--threads", "1",
+                          "--worker-processes", "1"], capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    for r in records[:2]:
+        assert r["worker_processes"] == 1 and r["crops_per_s_per_host_processes"] > 0 and r["first_batch_s"] > 0
