@@ -24,9 +24,13 @@ STATE, META = "state", "meta"
 quiet_library_logs()  # orbax warns "Metadata file does not exist" on every params-only restore
 
 
-def manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+def manager(directory: str, *, keep: int = 3, async_save: bool = True,
+            read_only: bool = False) -> ocp.CheckpointManager:
+    """Orbax manager of a checkpoints directory; ``read_only`` for reading another run's (creates, cleans and
+    deletes nothing)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
+                                           enable_async_checkpointing=async_save and not read_only,
+                                           cleanup_tmp_directories=not read_only, read_only=read_only)
     # Local paths made absolute; gs:// and other schemes kept as written (never a local "gs:" folder).
     return ocp.CheckpointManager(paths.resolve(directory), options=options, item_names=(STATE, META))
 

@@ -157,8 +157,10 @@ def print_wrote(parts: Iterable[str], stream=None) -> str:
 
 
 # Library messages with nothing for a user to act on: orbax reading a checkpoint item saved without its optional
-# metadata file; TFDS recommending OpenCV for decoding images (PIL decodes them identically).
-LIBRARY_NOISE = ("Metadata file does not exist", "OpenCV is not installed")
+# metadata file; orbax confirming a read-only checkpoint manager (medmae-jax gradients); TFDS recommending OpenCV
+# for decoding images (PIL decodes them identically).
+LIBRARY_NOISE = ("Metadata file does not exist", "CheckpointManagerOptions.read_only=True",
+                 "Given directory is read only", "OpenCV is not installed")
 
 
 class _DropNoise(logging.Filter):

@@ -3,4 +3,5 @@
 Modules import their heavy dependencies inside ``run`` so ``medmae-jax --help`` stays fast.
 """
 
-COMMANDS = ("train", "evaluate", "predict", "reconstruct", "demo", "benchmark", "convert", "build", "launch")
+COMMANDS = ("train", "evaluate", "predict", "reconstruct", "demo", "benchmark", "convert", "build", "launch",
+            "gradients")

@@ -1,0 +1,53 @@
+"""medmae-jax gradients: the loss and gradients of a run's training step at chosen steps, saved as one ``.npz``.
+
+For parity checks across meshes and hosts: the same workdir and steps under ``launch --processes 2`` and in one
+process give the same numbers to float rounding. The state is the run's checkpoint of each step (step 0: the
+initial state) and the batch that step's global batch, as training loads it; every process computes, process 0
+writes. The config is the one saved in the workdir unless ``--config`` names one; ``--config.key=value`` overrides
+apply on top (e.g. ``--config.mesh.fsdp=2``). File layout: :mod:`medmae_jax.train.gradients`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from medmae_jax.console import file_output, print_wrote
+
+HELP = "loss and gradients of a run's train step at --step N (its checkpoint, step N's global batch) to an .npz"
+
+
+def add_arguments(parser):
+    parser.add_argument("--config", default=None,
+                        help="configs/<name>.py[:arg] (default: the config saved in --workdir)")
+    parser.add_argument("--workdir", required=True,
+                        help="the run: its checkpoints/ give the state of each step (step 0 needs none); "
+                             "nothing is written there")
+    parser.add_argument("--step", type=int, action="append", required=True,
+                        help="a step whose state and batch to use (repeatable: --step 0 --step 100)")
+    parser.add_argument("--out", required=True, help="the .npz to write (keys N/loss, N/metrics/*, N/grad/<param>)")
+
+
+def load_config(args, overrides):
+    """``--config`` (if given) or the workdir's saved config, with ``--config.key=value`` overrides applied."""
+    from medmae_jax.config_loading import apply_override
+    from medmae_jax.config_loading import load_config as load_file
+    from medmae_jax.train.checkpoint import config_from_checkpoint
+    config = load_file(args.config) if args.config else config_from_checkpoint(args.workdir)
+    for assignment in overrides:
+        apply_override(config, assignment)
+    return config
+
+
+def run(args, overrides) -> int:
+    import optax
+
+    from medmae_jax.train import gradients
+    from medmae_jax.train.trainer import Trainer
+    trainer = Trainer(load_config(args, overrides), args.workdir)
+    results = gradients.gradients_at(trainer, args.step)
+    gradients.save(args.out, results)
+    print(json.dumps({"steps": sorted(results), "loss": {s: r["loss"] for s, r in results.items()},
+                      "grad_norm": {s: float(optax.tree.norm(r["grads"])) for s, r in results.items()},
+                      "out": args.out}))
+    print_wrote([file_output("gradients", args.out)])
+    return 0
