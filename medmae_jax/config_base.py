@@ -100,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.drop_path = 0.0        # stochastic depth rate of the last block (linear over depth)
     c.model.dropout = 0.0          # dropout in MLPs and after the position table
     c.model.remat = "none"         # recompute blocks in the backward pass: none | full | dots_saveable | ...
-    c.model.dtype = "auto"         # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+    c.model.dtype = "auto"         # compute: auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16 | float64 (x64 on)
     c.model.param_dtype = "float32"  # storage dtype of parameters (optimizer state and weight gradients follow)
     c.model.attention = "auto"     # attention kernel: auto (cuDNN on GPU in 16-bit, XLA elsewhere) | xla | cudnn
     c.model.scan_blocks = False    # nn.scan over encoder/decoder blocks: compiles once, same checkpoint layout

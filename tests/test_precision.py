@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO, tiny_pretrain_config
 
 from medmae_jax.config_loading import load_config
+from medmae_jax.errors import ConfigError
 from medmae_jax.models import precision
 from medmae_jax.models.vit import ViT
 
@@ -22,6 +23,19 @@ def test_auto_dtype_is_bfloat16_on_accelerators_only():
     assert precision.resolve_dtype("auto") == (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         precision.resolve_dtype("fp8")
+
+
+def test_float64_needs_x64_and_at_least_float32_keeps_it():
+    with jax.enable_x64(False):
+        with pytest.raises(ConfigError, match="'float64' needs 64-bit JAX"):
+            precision.resolve_dtype("float64")
+    for dtype, want in ((jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32), (jnp.uint8, jnp.float32),
+                        (jnp.float32, jnp.float32)):
+        assert precision.at_least_float32(jnp.zeros(2, dtype)).dtype == want
+    with jax.enable_x64(True):
+        assert precision.resolve_dtype("float64") == jnp.float64
+        assert precision.at_least_float32(jnp.zeros(2, jnp.float64)).dtype == jnp.float64
+        assert precision.at_least_float32(jnp.zeros(2, jnp.bfloat16)).dtype == jnp.float32
 
 
 def test_every_paper_config_computes_in_auto_dtype():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,8 @@ import pytest
 
 from medmae_jax.errors import ConversionError
 from medmae_jax.interop.monai_unetr import infer_monai_unetr_config, jax_to_monai_unetr, monai_unetr_to_jax
-from medmae_jax.models.unetr import MONAI_SKIP_LAYERS, PAPER_SKIP_LAYERS, UNETR, UpConv, instance_norm
+from medmae_jax.models.unetr import MONAI_SKIP_LAYERS, PAPER_SKIP_LAYERS, UNETR, ResBlock, UpConv, instance_norm
+from medmae_jax.tasks.segmentation.losses import dice_ce_loss
 
 TINY = dict(width=32, depth=4, num_heads=2, mlp_dim=64)  # skips 3/6/9 need depth 10; tests pass their own
 
@@ -149,6 +151,38 @@ def test_bfloat16_compute():
     y, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), x)
     assert y.dtype == jnp.bfloat16 and y.shape == (1, 32, 32, 16, 3)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.unbox(variables)))
+
+
+def test_float64_mode_gives_float64_gradients_that_agree_with_float32():
+    """Norms and losses compute in at least float32: float32 stays float32, float64 stays float64 (the gradients
+    check's mode), and both give the same gradients to float32 rounding."""
+    model = UNETR(out_channels=3, encoder=dict(TINY, depth=1), feature_size=4, skip_layers=(0, 0, 0))
+    x = _normal((2, 16, 16, 1), 2)
+    labels = np.random.default_rng(3).integers(0, 3, (2, 16, 16))
+
+    def loss(model, p, x):
+        return dice_ce_loss(model.apply({"params": p}, x), labels[:, :x.shape[1], :x.shape[2]])[0]
+
+    params = _random_params(model, x, 4)
+    # The whole UNETR by tracing (dtypes only); the numbers on one residual block + the loss (compiles in seconds).
+    assert {g.dtype for g in jax.tree.leaves(jax.eval_shape(jax.grad(partial(loss, model)), params, x))} == {
+        jnp.dtype(jnp.float32)}
+    block = ResBlock(3)
+    bx = _normal((2, 8, 8, 4), 5)
+    bparams = _random_params(block, bx, 6)
+    g32 = jax.jit(jax.grad(partial(loss, block)))(bparams, bx)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g32))
+    with jax.enable_x64(True):
+        m64, b64 = (m.clone(dtype=jnp.float64, param_dtype=jnp.float64) for m in (model, block))
+        p64, bp64, x64, bx64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, bparams, x, bx))
+        assert jax.eval_shape(partial(m64.apply, {"params": p64}), x64).dtype == jnp.float64
+        assert {g.dtype for g in jax.tree.leaves(jax.eval_shape(jax.grad(partial(loss, m64)), p64, x64))} == {
+            jnp.dtype(jnp.float64)}
+        g64 = jax.jit(jax.grad(partial(loss, b64)))(bp64, bx64)
+        assert all(g.dtype == jnp.float64 for g in jax.tree.leaves(g64))
+        g64 = jax.tree.map(np.asarray, g64)
+    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g64)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.max(np.abs(b)))
 
 
 # --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from medmae_jax.models.mae import MAE
-from medmae_jax.models.precision import resolve_dtype
+from medmae_jax.models.precision import at_least_float32, resolve_dtype
 from medmae_jax.models.vit import vit_kwargs
 
 
@@ -40,11 +40,12 @@ def build_mae(m: Mapping) -> MAE:
 
 
 def model_input(images: jax.Array, config) -> jax.Array:
-    """uint8 images -> normalised float32; gray repeated to the model's channel count."""
+    """uint8 images -> normalised float32 (float images: at least float32); gray repeated to the model's channel
+    count."""
     if images.dtype == jnp.uint8:
         x = (images.astype(jnp.float32) / 255.0 - config.data.pixel_mean) / config.data.pixel_std
     else:
-        x = images.astype(jnp.float32)
+        x = at_least_float32(images)
     want = config.model.in_channels
     if x.shape[-1] != want:
         if x.shape[-1] != 1:

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medmae_jax.models.precision import Dense
+from medmae_jax.models.precision import Dense, at_least_float32
 from medmae_jax.models.vit import ViT, _axes, _layer_norm
 
 Dtype = Any
@@ -80,7 +80,7 @@ class ViTClassifier(nn.Module):
         tokens, _ = ViT(**kw, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(images, train=train)
         prefix = int(kw.get("cls_token", True))
         if self.pooling == "gap":
-            pooled = jnp.mean(tokens[:, prefix:].astype(jnp.float32), axis=1).astype(tokens.dtype)
+            pooled = jnp.mean(at_least_float32(tokens[:, prefix:]), axis=1).astype(tokens.dtype)
         else:
             pooled = tokens[:, 0]
         if self._use_fc_norm():
@@ -91,7 +91,7 @@ class ViTClassifier(nn.Module):
         logits = Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
                        kernel_init=_axes(init, ("embed", None)),
                        bias_init=_axes(nn.initializers.zeros, (None,)))(pooled)
-        logits = logits.astype(jnp.float32)
+        logits = at_least_float32(logits)
         if self.post_activation == "tanh":
             logits = jnp.tanh(logits)
         return logits

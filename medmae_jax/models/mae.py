@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from medmae_jax.models import masking as masking_lib
-from medmae_jax.models.precision import Dense
+from medmae_jax.models.precision import Dense, at_least_float32
 from medmae_jax.models.vit import ViT, _axes, _trunc_normal, patchify, sincos_position_table, transformer_class
 
 Dtype = Any
@@ -87,7 +87,7 @@ class MAE(nn.Module):
     Call with images ``(B, *spatial, C)``; the mask comes from the ``masking``
     rng stream unless an explicit :class:`~medmae_jax.models.masking.Masking`
     is passed. Returns ``(pred, masking)`` with ``pred`` (B, L, prod(patch)*C)
-    in :func:`~medmae_jax.models.vit.patchify` order (float32).
+    in :func:`~medmae_jax.models.vit.patchify` order (float32, or float64 in the float64 mode).
     """
 
     encoder: dict                 # keyword arguments of ViT (patch_size, width, depth, ...)
@@ -120,12 +120,12 @@ class MAE(nn.Module):
                                                  self.mask_ratio)
         latent, _ = self.vit(images, train=train, keep_indices=masking.keep_indices)
         pred = self.decoder(latent, masking.restore_indices, grid, self.vit.cls_token, images.shape[-1], train)
-        return pred.astype(jnp.float32), masking
+        return at_least_float32(pred), masking
 
 
 def patch_targets(images: jax.Array, patch_size: Sequence[int], norm_pix: bool, eps: float = 1e-6) -> jax.Array:
     """Reconstruction targets (B, L, prod(patch)*C); per-patch normalised when ``norm_pix``."""
-    target = patchify(images.astype(jnp.float32), patch_size)
+    target = patchify(at_least_float32(images), patch_size)
     if norm_pix:
         mean = target.mean(axis=-1, keepdims=True)
         var = target.var(axis=-1, keepdims=True)

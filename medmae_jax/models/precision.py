@@ -1,6 +1,10 @@
 """Mixed precision for accelerators: compute dtype per backend, dense layers with float32 weight gradients,
 attention implementation per backend, and named remat policies.
 
+Norms, softmax and losses compute in :func:`at_least_float32`: float32 for bfloat16/float16 activations, and the
+activations' own dtype when that is wider, so the float64 mode (``model.dtype='float64'`` under ``jax_enable_x64``,
+e.g. ``medmae-jax gradients --float64``) stays float64 end to end.
+
 With ``dtype=bfloat16`` and float32 parameters, a plain ``nn.Dense`` casts the kernel to bfloat16 before the
 matmul, so the weight gradient comes out of the backward matmul in bfloat16 and is rounded before it reaches the
 float32 parameter. :class:`Dense` keeps the matmul inputs in the compute dtype (tensor cores) but accumulates and
@@ -19,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medmae_jax.errors import ConfigError
+
 Dtype = Any
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 ATTENTION = ("auto", "xla", "cudnn")
 REMAT_POLICIES = {
     "none": None,
@@ -39,7 +45,17 @@ def resolve_dtype(name: str, backend: str | None = None):
         return jnp.float32 if backend == "cpu" else jnp.bfloat16
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use 'auto' or one of {sorted(DTYPES)}")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise ConfigError("model.dtype/model.param_dtype 'float64' needs 64-bit JAX, which is off (JAX would "
+                          "compute in float32): enable it before any array is made (JAX_ENABLE_X64=1, or "
+                          "`medmae-jax gradients --float64`), or use 'float32'")
     return DTYPES[name]
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """``x`` in float32 if it is narrower (bfloat16, float16, integers), else unchanged (float32, float64): where
+    norms, softmax and losses need at least float32, without lowering the float64 mode to float32."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def dtype_name(name: str, backend: str | None = None) -> str:

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medmae_jax.models.precision import at_least_float32
 from medmae_jax.models.vit import ViT, _axes
 
 Dtype = Any
@@ -57,7 +58,7 @@ _torch_conv_init = _flat_init(nn.initializers.variance_scaling(1.0 / 3.0, "fan_i
 def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
     """InstanceNorm without affine parameters: per sample and channel over the spatial axes (biased variance)."""
     axes = tuple(range(1, x.ndim - 1))
-    x32 = x.astype(jnp.float32)
+    x32 = at_least_float32(x)
     mean = jnp.mean(x32, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)

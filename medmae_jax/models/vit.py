@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medmae_jax.models.masking import gather_tokens
-from medmae_jax.models.precision import Dense, dot_product_attention, remat_block
+from medmae_jax.models.precision import Dense, at_least_float32, dot_product_attention, remat_block
 
 Dtype = Any
 
@@ -196,7 +196,7 @@ class Attention(nn.Module):
         if self.attn_dropout > 0.0 and train:
             # Explicit path: dot_product_attention has no dropout.
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+            weights = jax.nn.softmax(at_least_float32(logits), axis=-1).astype(self.dtype)
             weights = nn.Dropout(self.attn_dropout)(weights, deterministic=False)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         else:

@@ -172,7 +172,7 @@ class ClassificationTask(base.Task):
     # --- objective -------------------------------------------------------------------------------------------
     def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, train: bool):
         logits = self.logits(params, batch["image"], rng, train)
-        labels = batch["labels"].astype(jnp.float32)
+        labels = batch["labels"].astype(logits.dtype)
         loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
         return loss, {"loss": loss}
 

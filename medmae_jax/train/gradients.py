@@ -7,6 +7,12 @@ jitted ``loss_and_grads``, the function its train step differentiates. Gradients
 between two meshes: Adam turns rounding noise in near-zero gradients into lr-sized steps, so parameters after a
 few steps agree far less closely than the gradients that produced them.
 
+``float64=True`` (``medmae-jax gradients --float64``, after :func:`enable_float64`) computes the same step in
+float64: the state's parameters and the batch's floating arrays cast to float64 (exactly), the model built with
+``model.dtype``/``param_dtype`` 'float64'. Meshes then agree to ~1e-10 per tensor: float32 rounding can flip a
+ReLU-family kink (a pre-activation within rounding of 0 takes the other slope under another compilation) and move
+a tensor's gradient by percents, float64 rounding practically never does.
+
 The file holds, per step N: ``N/loss``, ``N/metrics/<name>`` (the task's step metrics) and ``N/grad/<param path>``
 (paths joined with ``/``, as in the checkpoint's parameter tree); :func:`load` reads it back by step.
 """
@@ -17,6 +23,7 @@ import io
 from typing import Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import traverse_util
@@ -24,8 +31,10 @@ from jax.experimental import multihost_utils
 
 from medmae_jax import paths
 from medmae_jax.errors import ConfigError
+from medmae_jax.tasks import get_task
 from medmae_jax.train import checkpoint as ckpt_lib
-from medmae_jax.train.trainer import Trainer, TrainState
+from medmae_jax.train import mesh as mesh_lib
+from medmae_jax.train.trainer import Trainer, TrainState, loss_and_grads
 
 
 def state_at(trainer: Trainer, step: int) -> TrainState:
@@ -47,10 +56,41 @@ def state_at(trainer: Trainer, step: int) -> TrainState:
                       f"them or 0 (the initial state), or keep more with --config.checkpoint.every_steps/keep")
 
 
-def gradients_at(trainer: Trainer, steps: Iterable[int]) -> dict[int, dict]:
-    """``{step: {"loss": float, "metrics": {name: float}, "grads": {param path: array}}}`` on every process.
+def enable_float64() -> None:
+    """Turns on 64-bit JAX (``jax_enable_x64``) for the float64 mode; call it before any array is made (before the
+    :class:`Trainer`): arrays made earlier stay 32-bit."""
+    jax.config.update("jax_enable_x64", True)
+
+
+def _to_float64(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def float64_loss_and_grads(trainer: Trainer):
+    """``trainer.loss_and_grads`` (same state, batch, rng and shardings) computed in float64: a copy of the task
+    with ``model.dtype``/``param_dtype`` 'float64'; parameters and floating batch arrays cast inside the jit."""
+    if not jax.config.jax_enable_x64:
+        raise ConfigError("float64 gradients need 64-bit JAX: call medmae_jax.train.gradients.enable_float64() "
+                          "before building the Trainer (the CLI's --float64 does)")
+    config = trainer.config.copy_and_resolve_references()
+    config.model.dtype = config.model.param_dtype = "float64"
+    task = get_task(config)
+
+    def compute(state: TrainState, batch: dict, base_rng: jax.Array):
+        state = TrainState(step=state.step, params=_to_float64(state.params), opt_state=state.opt_state)
+        return loss_and_grads(task, state, _to_float64(batch), base_rng)
+
+    replicated = mesh_lib.replicated(trainer.mesh)
+    return jax.jit(compute, in_shardings=(trainer.state_shardings, trainer.batch_shardings, replicated),
+                   out_shardings=((replicated, replicated), trainer.state_shardings.params))
+
+
+def gradients_at(trainer: Trainer, steps: Iterable[int], float64: bool = False) -> dict[int, dict]:
+    """``{step: {"loss": float, "metrics": {name: float}, "grads": {param path: array}}}`` on every process;
+    with ``float64`` computed in float64 (:func:`float64_loss_and_grads`; gradients are float64 arrays).
 
     Every process must call this with the same steps (the gradients are gathered over all of them)."""
+    compute = float64_loss_and_grads(trainer) if float64 else trainer.loss_and_grads
     out = {}
     for step in sorted(set(int(s) for s in steps)):
         if step < 0:
@@ -61,7 +101,7 @@ def gradients_at(trainer: Trainer, steps: Iterable[int]) -> dict[int, dict]:
             batch = trainer.device_batch(next(loader))
         finally:
             loader.close()
-        (loss, metrics), grads = trainer.loss_and_grads(state, batch, trainer.base_rng)
+        (loss, metrics), grads = compute(state, batch, trainer.base_rng)
         # Whole arrays on every process, whatever the parameter sharding (fsdp may split them across hosts).
         grads = multihost_utils.process_allgather(grads, tiled=True)
         host = jax.device_get(metrics)

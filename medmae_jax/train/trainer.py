@@ -161,12 +161,7 @@ class Trainer:
         return state
 
     def _loss_and_grads(self, state: TrainState, batch: dict, base_rng: jax.Array):
-        rng = jax.random.fold_in(base_rng, state.step)
-
-        def loss_fn(params):
-            return self.task.loss(params, batch, rng, True)
-
-        return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return loss_and_grads(self.task, state, batch, base_rng)
 
     def _train_step(self, state: TrainState, batch: dict, base_rng: jax.Array):
         (loss, metrics), grads = self._loss_and_grads(state, batch, base_rng)
@@ -345,6 +340,17 @@ class Trainer:
         finally:
             mngr.wait_until_finished()
             mngr.close()
+
+
+def loss_and_grads(task, state: TrainState, batch: dict, base_rng: jax.Array):
+    """``((loss, metrics), grads)`` of ``task``'s training loss at ``state`` on ``batch``, with the step's rng
+    (``base_rng`` folded with the step): what a train step differentiates."""
+    rng = jax.random.fold_in(base_rng, state.step)
+
+    def loss_fn(params):
+        return task.loss(params, batch, rng, True)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
 
 def _span(positions: range) -> tuple[int, int]:

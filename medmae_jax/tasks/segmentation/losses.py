@@ -7,6 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from medmae_jax.models.precision import at_least_float32
+
 
 def soft_dice_loss(probs: jax.Array, target: jax.Array, *, squared_pred: bool = False, smooth_nr: float = 1e-5,
                    smooth_dr: float = 1e-5, batch: bool = False) -> jax.Array:
@@ -16,8 +18,8 @@ def soft_dice_loss(probs: jax.Array, target: jax.Array, *, squared_pred: bool = 
     (squares in the denominator with ``squared_pred``; sums over the batch too with ``batch``),
     averaged over samples and channels.
     """
-    p = probs.astype(jnp.float32)
-    g = target.astype(jnp.float32)
+    p = at_least_float32(probs)
+    g = target.astype(p.dtype)
     axes = tuple(range(1, p.ndim - 1))
     if batch:
         axes = (0,) + axes
@@ -37,9 +39,9 @@ def dice_ce_loss(logits: jax.Array, labels: jax.Array, *, include_background: bo
     Cross-entropy is the mean over every voxel of every sample (torch ``CrossEntropyLoss``);
     ``include_background`` only affects the Dice term, as in MONAI. Returns ``(loss, parts)``.
     """
-    logits = logits.astype(jnp.float32)
+    logits = at_least_float32(logits)
     k = logits.shape[-1]
-    onehot = jax.nn.one_hot(labels, k, dtype=jnp.float32)
+    onehot = jax.nn.one_hot(labels, k, dtype=logits.dtype)
     probs = jax.nn.softmax(logits, axis=-1)
     if not include_background:
         probs, dice_target = probs[..., 1:], onehot[..., 1:]
@@ -54,7 +56,7 @@ def dice_ce_loss(logits: jax.Array, labels: jax.Array, *, include_background: bo
 def sigmoid_dice_loss(logits: jax.Array, masks: jax.Array, *, squared_pred: bool = False, smooth_nr: float = 1e-5,
                       smooth_dr: float = 1e-5, batch: bool = False) -> tuple[jax.Array, dict]:
     """MONAI ``DiceLoss(sigmoid=True)`` over multi-hot region masks ``(B, *spatial, R)``. Returns ``(loss, parts)``."""
-    dice = soft_dice_loss(jax.nn.sigmoid(logits.astype(jnp.float32)), masks, squared_pred=squared_pred,
+    dice = soft_dice_loss(jax.nn.sigmoid(at_least_float32(logits)), masks, squared_pred=squared_pred,
                           smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
     return dice, {"dice_loss": dice}
 
@@ -63,7 +65,7 @@ def sigmoid_dice_bce_loss(logits: jax.Array, masks: jax.Array, *, lambda_dice: f
                           **dice_kwargs) -> tuple[jax.Array, dict]:
     """MONAI ``DiceCELoss(sigmoid=True)`` on region masks: Dice + BCE with logits (mean over voxels and channels)."""
     dice, _ = sigmoid_dice_loss(logits, masks, **dice_kwargs)
-    x = logits.astype(jnp.float32)
-    t = masks.astype(jnp.float32)
+    x = at_least_float32(logits)
+    t = masks.astype(x.dtype)
     bce = jnp.mean(jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x))))
     return lambda_dice * dice + lambda_ce * bce, {"dice_loss": dice, "ce_loss": bce}

@@ -15,6 +15,7 @@ from medmae_jax.errors import ConfigError
 from medmae_jax.evaluate.segmentation_eval import evaluate_split
 from medmae_jax.evaluate.sliding_window import predict_volume
 from medmae_jax.models.fast_init import fast_init_key
+from medmae_jax.models.precision import at_least_float32
 from medmae_jax.tasks import base
 from medmae_jax.tasks.segmentation.losses import dice_ce_loss, sigmoid_dice_bce_loss, sigmoid_dice_loss
 from medmae_jax.tasks.segmentation.model import build_unetr, init_from_mae
@@ -121,7 +122,7 @@ class SegmentationTask(base.Task):
     # --- objective -------------------------------------------------------------------------------------------
     def logits(self, params: Any, images: jax.Array, rng: Optional[jax.Array] = None, train: bool = False):
         rngs = self.apply_rngs(rng) if rng is not None else {}
-        return self.model.apply({"params": params}, images.astype(jnp.float32), train=train, rngs=rngs)
+        return self.model.apply({"params": params}, at_least_float32(images), train=train, rngs=rngs)
 
     def loss_from_logits(self, logits: jax.Array, target: jax.Array) -> tuple[jax.Array, dict]:
         s = self.config.segmentation
