@@ -38,6 +38,19 @@ def test_float64_needs_x64_and_at_least_float32_keeps_it():
         assert precision.at_least_float32(jnp.zeros(2, jnp.bfloat16)).dtype == jnp.float32
 
 
+def test_dropout_masks_are_flax_masks_and_do_not_depend_on_x64():
+    key = {"dropout": jax.random.key(0)}
+    x = jnp.ones((8, 5, 64))
+    ours = precision.Dropout(0.3, broadcast_dims=(1,)).apply({}, x, deterministic=False, rngs=key)
+    np.testing.assert_array_equal(ours, nn.Dropout(0.3, broadcast_dims=(1,)).apply({}, x, deterministic=False,
+                                                                                   rngs=key))
+    with jax.enable_x64(True):
+        wide = precision.Dropout(0.3, broadcast_dims=(1,)).apply({}, jnp.ones((8, 5, 64), jnp.float64),
+                                                                 deterministic=False, rngs=key)
+        assert wide.dtype == jnp.float64
+    np.testing.assert_array_equal(np.asarray(wide) != 0, np.asarray(ours) != 0)
+
+
 def test_every_paper_config_computes_in_auto_dtype():
     for name in ("cxr14_mae", "cxr14_finetune", "btcv_mae3d", "btcv_unetr", "brats_mae3d", "brats_unetr"):
         config = load_config(f"{REPO}/configs/{name}.py")

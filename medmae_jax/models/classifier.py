@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medmae_jax.models.precision import Dense, at_least_float32
+from medmae_jax.models.precision import Dense, Dropout, at_least_float32
 from medmae_jax.models.vit import ViT, _axes, _layer_norm
 
 Dtype = Any
@@ -85,7 +85,7 @@ class ViTClassifier(nn.Module):
             pooled = tokens[:, 0]
         if self._use_fc_norm():
             pooled = _layer_norm(kw.get("layer_norm_eps", 1e-6), self.dtype, self.param_dtype, "fc_norm")(pooled)
-        pooled = nn.Dropout(self.head_dropout)(pooled, deterministic=not train)
+        pooled = Dropout(self.head_dropout)(pooled, deterministic=not train)
         init = (nn.initializers.zeros if self.head_init_std <= 0
                 else nn.initializers.truncated_normal(stddev=self.head_init_std))
         logits = Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",

@@ -36,7 +36,7 @@ def masking_from_noise(noise: jax.Array, len_keep: int) -> Masking:
 
 def random_masking(key: jax.Array, batch: int, num_tokens: int, ratio: float) -> Masking:
     """Random keep/restore indices and binary mask for ``batch`` samples of ``num_tokens`` tokens."""
-    noise = jax.random.uniform(key, (batch, num_tokens))
+    noise = jax.random.uniform(key, (batch, num_tokens), jnp.float32)  # float32 under jax_enable_x64 too
     return masking_from_noise(noise, num_kept(num_tokens, ratio))
 
 

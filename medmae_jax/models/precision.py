@@ -52,6 +52,25 @@ def resolve_dtype(name: str, backend: str | None = None):
     return DTYPES[name]
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (same fields, name and rng stream) whose mask comes from float32 uniforms whatever the compute
+    dtype: under ``jax_enable_x64`` a Python-float rate would draw float64 uniforms, so the float64 mode would drop
+    other units than the float32 run whose step it recomputes. Without x64 the masks are flax's, bit for bit."""
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: bool | None = None, rng=None):
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        if self.rate == 1.0:  # as flax: no NaN gradients at rate 1
+            return jnp.zeros_like(inputs)
+        keep = 1.0 - self.rate
+        rng = self.make_rng(self.rng_collection) if rng is None else rng
+        shape = [1 if i in self.broadcast_dims else n for i, n in enumerate(inputs.shape)]
+        mask = jnp.broadcast_to(jax.random.bernoulli(rng, jnp.float32(keep), shape), inputs.shape)
+        return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
+
+
 def at_least_float32(x: jax.Array) -> jax.Array:
     """``x`` in float32 if it is narrower (bfloat16, float16, integers), else unchanged (float32, float64): where
     norms, softmax and losses need at least float32, without lowering the float64 mode to float32."""

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medmae_jax.models.masking import gather_tokens
-from medmae_jax.models.precision import Dense, at_least_float32, dot_product_attention, remat_block
+from medmae_jax.models.precision import Dense, Dropout, at_least_float32, dot_product_attention, remat_block
 
 Dtype = Any
 
@@ -197,7 +197,7 @@ class Attention(nn.Module):
             # Explicit path: dot_product_attention has no dropout.
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
             weights = jax.nn.softmax(at_least_float32(logits), axis=-1).astype(self.dtype)
-            weights = nn.Dropout(self.attn_dropout)(weights, deterministic=False)
+            weights = Dropout(self.attn_dropout)(weights, deterministic=False)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         else:
             out = dot_product_attention(q, k, v, self.attention)
@@ -221,11 +221,11 @@ class Mlp(nn.Module):
                      kernel_init=_axes(nn.initializers.xavier_uniform(), ("embed", "mlp")),
                      bias_init=_axes(nn.initializers.zeros, ("mlp",)))(x)
         h = nn.gelu(h, approximate=False)
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = Dropout(self.dropout)(h, deterministic=not train)
         h = Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
                      kernel_init=_axes(nn.initializers.xavier_uniform(), ("mlp", "embed")),
                      bias_init=_axes(nn.initializers.zeros, ("embed",)))(h)
-        return nn.Dropout(self.dropout)(h, deterministic=not train)
+        return Dropout(self.dropout)(h, deterministic=not train)
 
 
 def _layer_norm(eps, dtype, param_dtype, name):
@@ -252,7 +252,7 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False, drop_rate: Optional[jax.Array] = None) -> jax.Array:
         # ``drop_rate`` (traced) replaces the static ``drop_path`` inside a scan, where each layer has its own rate.
         if drop_rate is None:
-            drop = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)), rng_collection="droppath")
+            drop = Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)), rng_collection="droppath")
             drop_path = lambda h: drop(h, deterministic=not train)  # noqa: E731
         else:
             drop_path = lambda h: _drop_path(self, h, drop_rate, train)  # noqa: E731
@@ -269,7 +269,7 @@ def _drop_path(module: nn.Module, x: jax.Array, rate: jax.Array, train: bool) ->
     """Stochastic depth with a traced rate (one draw per example), as ``nn.Dropout`` with ``broadcast_dims``."""
     if not train:
         return x
-    keep = 1.0 - rate
+    keep = 1.0 - rate  # float32 (the rates' dtype): the same draws under jax_enable_x64
     mask = jax.random.bernoulli(module.make_rng("droppath"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
@@ -473,7 +473,7 @@ class ViT(nn.Module):
                 cls = cls + pos[:, :1]
             tokens = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, self.width)).astype(tokens.dtype),
                                       tokens], axis=1)
-        tokens = nn.Dropout(self.dropout)(tokens, deterministic=not train)
+        tokens = Dropout(self.dropout)(tokens, deterministic=not train)
         return transformer_class(self.scan_blocks, self.depth)(
             self.depth, self.num_heads, self.mlp_dim, self.qkv_bias, self.dropout, self.attn_dropout, self.drop_path,
             self.layer_norm_eps, self.final_norm, self.remat, self.dtype, self.param_dtype, self.attention,

@@ -9,9 +9,10 @@ few steps agree far less closely than the gradients that produced them.
 
 ``float64=True`` (``medmae-jax gradients --float64``, after :func:`enable_float64`) computes the same step in
 float64: the state's parameters and the batch's floating arrays cast to float64 (exactly), the model built with
-``model.dtype``/``param_dtype`` 'float64'. Meshes then agree to ~1e-10 per tensor: float32 rounding can flip a
-ReLU-family kink (a pre-activation within rounding of 0 takes the other slope under another compilation) and move
-a tensor's gradient by percents, float64 rounding practically never does.
+``model.dtype``/``param_dtype`` 'float64'; dropout, drop path and MAE masks are drawn from float32 uniforms in both
+modes, so it is the same step (losses agree to ~1e-8). Meshes then agree to ~1e-10 per tensor: float32 rounding
+can flip a ReLU-family kink (a pre-activation within rounding of 0 takes the other slope under another compilation)
+and move a tensor's gradient by percents, float64 rounding practically never does.
 
 The file holds, per step N: ``N/loss``, ``N/metrics/<name>`` (the task's step metrics) and ``N/grad/<param path>``
 (paths joined with ``/``, as in the checkpoint's parameter tree); :func:`load` reads it back by step.
