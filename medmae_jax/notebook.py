@@ -7,6 +7,7 @@ Nothing here trains or evaluates by itself; every step goes through the public C
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import math
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import ml_collections
+import nibabel as nib
 import numpy as np
 
 from medmae_jax.config_loading import config_from_args
@@ -208,8 +210,6 @@ def segmentation_table(results: Mapping[str, str], digits: int = 3) -> list[dict
 
 def nifti_geometry(**files) -> list[dict]:
     """Shape, voxel size, orientation and affine origin of NIfTI files (name -> path), printed as a table."""
-    import nibabel as nib
-
     rows = []
     for name, path in files.items():
         img = nib.load(str(path))
@@ -228,8 +228,6 @@ def chestxray14_folder(labels_csv, images_dir, dst, test_every: int = 4) -> Path
 
     Every ``test_every``-th patient goes to the test list, so the split is patient-disjoint as the official one.
     """
-    import csv
-
     dst = Path(dst)
     (dst / "images").mkdir(parents=True, exist_ok=True)
     with open(labels_csv, newline="") as f:

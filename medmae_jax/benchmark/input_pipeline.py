@@ -21,10 +21,13 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
+import nibabel as nib
 import numpy as np
 
 from medmae_jax.data import cache as cache_lib
 from medmae_jax.data import pipeline
+from medmae_jax.data.datasets.synthetic import SyntheticPhantom3D
+from medmae_jax.tasks import get_task
 
 # A few SelfMedMAE-split case ids: train cases first, then one validation case.
 _PHANTOM_CASES = {"train": (5, 6, 7, 9), "validation": (1,)}
@@ -32,10 +35,6 @@ _PHANTOM_CASES = {"train": (5, 6, 7, 9), "validation": (1,)}
 
 def write_btcv_phantoms(root: str, shape: Sequence[int], spacing=(1.5, 1.5, 2.0), seed: int = 0) -> str:
     """BTCV ``RawData/Training/{img,label}`` NIfTI files of synthetic abdominal phantoms; returns the manual dir."""
-    import nibabel as nib
-
-    from medmae_jax.data.datasets.synthetic import SyntheticPhantom3D
-
     cases = [c for ids in _PHANTOM_CASES.values() for c in ids]
     phantoms = SyntheticPhantom3D(len(cases), tuple(int(s) for s in shape), seed)
     affine = np.diag([*spacing, 1.0])
@@ -90,8 +89,6 @@ def measure_input(config, *, examples: int = 8, threads: Optional[int] = None,
                   processes: Optional[int] = None) -> list[dict]:
     """One record each for the pipeline read from disk every time and through the filled cache (with the
     worker-process figures when ``processes`` or ``data.worker_processes`` > 0)."""
-    from medmae_jax.tasks import get_task
-
     task = get_task(config)
     transform = task.train_transform()
     crops = int(config.get("segmentation", {}).get("crops_per_volume", 1)) if config.task == "segmentation" else 1
@@ -142,7 +139,7 @@ def run(config, *, examples: int, threads: Optional[int], synthetic_volume: Opti
     if synthetic_volume is None:
         records = measure_input(config, examples=examples, threads=threads, processes=processes)
     else:
-        from medmae_jax.data.datasets import btcv, tfds_utils
+        from medmae_jax.data.datasets import btcv, tfds_utils  # tensorflow_datasets: only to build phantoms
         with tempfile.TemporaryDirectory(prefix="medmae-input-") as tmp:
             manual = write_btcv_phantoms(os.path.join(tmp, "manual"), synthetic_volume)
             tfds_utils.build(btcv.Btcv, manual, os.path.join(tmp, "tfds"), "selfmedmae")

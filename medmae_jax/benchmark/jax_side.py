@@ -14,13 +14,16 @@ import tempfile
 import time
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medmae_jax.benchmark import measure
+from medmae_jax.benchmark import examples_per_batch_item, measure
 from medmae_jax.benchmark.measure import Bench
+from medmae_jax.evaluate import sliding_window as sw
 from medmae_jax.models.precision import dtype_name
+from medmae_jax.train.trainer import Trainer
 
 
 def _device_info() -> dict:
@@ -87,14 +90,12 @@ def build_trainer_step(config, batch_size: int, warmup: int) -> Bench:
         return {"last_loss": loss}
 
     info["step"] = f"medmae_jax.train.trainer.Trainer.train_step (task {config.task})"
-    from medmae_jax.benchmark import examples_per_batch_item
     examples = batch_size * examples_per_batch_item(config, "trainer")
     return Bench(run, _finish_info(info, flops, measure.xla_flops(compiled), examples, dtype_name(config.model.dtype)),
                  check)
 
 
 def _init_trainer(config, workdir):
-    from medmae_jax.train.trainer import Trainer
     trainer = Trainer(config, workdir)
     state = trainer.init_state()
     jax.block_until_ready(state)
@@ -102,7 +103,6 @@ def _init_trainer(config, workdir):
 
 
 def _unetr_params(model, x):
-    import flax.linen as nn
     return jax.jit(lambda key, x: nn.unbox(model.init(key, x)["params"]))(jax.random.key(0), x[:1])
 
 
@@ -112,8 +112,6 @@ def _unetr_params(model, x):
 def build_sliding_window(config, desc: dict, volume: tuple[int, ...], sw_batch_size: int, overlap: float,
                          batch_size: int, warmup: int) -> Bench:
     """``evaluate.sliding_window.predict_volume`` (jitted windows + blending) with a UNETR, roi = model input."""
-    from medmae_jax.evaluate import sliding_window as sw
-
     model = measure.unetr_module(config, desc["out_channels"], desc["feature_size"])
     roi = tuple(desc["input"])
     rng = np.random.default_rng(0)

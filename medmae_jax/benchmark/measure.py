@@ -22,6 +22,8 @@ import resource
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import jax
+
 from medmae_jax.models.builders import build_mae, dtype, encoder_kwargs
 from medmae_jax.models.masking import num_kept
 from medmae_jax.models.precision import dtype_name
@@ -129,7 +131,6 @@ def count_matmul_flops(fn: Callable, *args, **kwargs) -> int:
     Follows jit/custom-derivative/remat sub-jaxprs, multiplies scan bodies by their length, takes
     the largest branch of a cond, and raises :class:`UncountedLoopError` for while loops with matmuls.
     """
-    import jax
     return _jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 
 

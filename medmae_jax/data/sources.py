@@ -40,7 +40,7 @@ def open_source(data: Mapping, split: str):
 
 def open_tfds(data: Mapping, split: str):
     """``tfds.data_source`` over a data set built with ``medmae-jax build`` (array_record, no TensorFlow)."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # slow to import: only when a built data set is opened
 
     data_dir = data.get("data_dir") or ""
     if not data_dir or not epath.Path(data_dir).is_dir():

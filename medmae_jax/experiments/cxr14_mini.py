@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
 from medmae_jax import config_base
@@ -197,7 +198,6 @@ def run_experiment(data_dir: str, workdir: str, *, seeds: int = 3, patient_overl
 
 
 def _jax_info() -> dict:
-    import jax
     return {"version": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
             "cpus": os.cpu_count()}
 

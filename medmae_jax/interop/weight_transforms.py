@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
+import flax.linen as nn
 import numpy as np
 
 from medmae_jax.errors import ConversionError
@@ -73,12 +74,7 @@ def out_proj_to_torch(k: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------
 def _plain(params: Any) -> dict:
     """Unbox logical-partitioning boxes, drop a ``{'params': ...}`` wrapper, and make leaves numpy."""
-    try:
-        import flax.linen as nn
-
-        params = nn.unbox(params)
-    except Exception:  # pragma: no cover - flax always present; stay usable on plain dicts
-        pass
+    params = nn.unbox(params)
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
 

@@ -59,7 +59,7 @@ def fast_init_key(key: jax.Array) -> jax.Array:
     """A key of the hash generator carrying ``key``'s data (see above); usable inside ``jit``."""
     global _HASH_PRNG
     if _HASH_PRNG is None:
-        from jax.extend.random import define_prng_impl
+        from jax.extend.random import define_prng_impl  # registered on first use, not on import
         _HASH_PRNG = define_prng_impl(key_shape=(2,), seed=_hash_seed, split=_hash_split, random_bits=_hash_bits,
                                       fold_in=_hash_fold_in, name="medmae_hash32")
     data = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)

@@ -16,6 +16,8 @@ import os
 from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from medmae_jax.errors import ConfigError
 
@@ -95,7 +97,5 @@ def agree_any(flag: bool) -> bool:
     """
     if jax.process_count() == 1:
         return bool(flag)
-    import numpy as np
-    from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
     return bool(np.max(flags) > 0)
