@@ -182,6 +182,7 @@ FIELDS = ("framework", "framework_version", "platform", "device_kind", "config",
           "steps_per_s_rounds", "load_avg_1m")
 
 
+@pytest.mark.slow
 def test_cli_prints_json_records():
     have_peer = all(__import__("importlib").util.find_spec(m) is not None for m in ("torch", "monai"))
     cmd = [sys.executable, "-m", "medmae_jax.main", "benchmark",

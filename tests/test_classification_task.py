@@ -219,6 +219,7 @@ def test_randaugment_ops_and_magnitudes():
         augment_2d.check_ops(["Rotate", "Invert"])
 
 
+@pytest.mark.slow
 def test_quick_synthetic_run_reports_auc_and_undefined_labels(tmp_path):
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
     c = _config()

@@ -60,6 +60,7 @@ def test_cli_reports_config_errors_cleanly(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["cxr14_mae", "btcv_mae3d", "brats_mae3d"])
+@pytest.mark.slow
 def test_cli_trains_each_pretraining_config_quick(tmp_path, capsys, name):
     code = main(["train", "--config", str(REPO / f"configs/{name}.py:quick,data=synthetic"),
                  "--workdir", str(tmp_path), "--config.num_train_steps=2"])

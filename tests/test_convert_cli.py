@@ -19,6 +19,7 @@ def _flat(tree):
 
 @pytest.mark.parametrize("dims,layout", [(2, "fair-mae"), (2, "monai-mae"), (3, "selfmedmae-mae3d"),
                                          (3, "monai-mae")])
+@pytest.mark.slow
 def test_round_trip_jax_torch_layout_jax_is_exact(tmp_path, dims, layout, capsys):
     c = tiny_pretrain_config(dims, steps=1)
     train_and_evaluate(c, str(tmp_path / "run"))
@@ -40,6 +41,7 @@ def test_round_trip_jax_torch_layout_jax_is_exact(tmp_path, dims, layout, capsys
     assert meta["config"]["model"]["width"] == c.model.width and meta["layout"] == layout
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_records_its_model(tmp_path, capsys):
     """A converted checkpoint folder describes the model it holds (layout and sizes) in model.json."""
     c = tiny_pretrain_config(2, steps=1)
@@ -61,6 +63,7 @@ def test_unknown_layout_and_bad_file_are_clear_errors(tmp_path, capsys):
     assert "layout" in err.lower()
 
 
+@pytest.mark.slow
 def test_converted_mae_fine_tunes_through_the_cli(tmp_path, capsys):
     """PyTorch-layout MAE weights -> convert -> `train` with init=mae on the :quick fine-tuning config."""
     pretrain = str(REPO / "configs/cxr14_mae.py:quick,data=synthetic")

@@ -73,6 +73,7 @@ def runs(tmp_path_factory):
     return {"tmp": tmp, "mae": mae_dir, "finetune": ft_dir, "config": config}
 
 
+@pytest.mark.slow
 def test_pretrain_finetune_evaluate_on_real_xrays(runs):
     ft_dir, config = runs["finetune"], runs["config"]
     saved = json.loads((ft_dir / "config.json").read_text())
@@ -152,6 +153,7 @@ def test_nih1000_folders_are_checked_for_patient_leakage():
 
 
 @pytest.mark.skipif(not (NIH1000 / "labels.csv").exists(), reason="nih1000_64 not found")
+@pytest.mark.slow
 def test_mini_reproduction_runner_quick(tmp_path):
     from medmae_jax.experiments import cxr14_mini
 

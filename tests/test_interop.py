@@ -84,6 +84,7 @@ def _fair_mae_state_dict(width=768, depth=12, mlp=3072, patch=16, img=224, chans
     return sd
 
 
+@pytest.mark.slow
 def test_fair_mae_vit_b16_imports_cleanly_and_reexports_identically():
     sd = _fair_mae_state_dict()
     assert tc.detect_layout(sd) == "fair-mae"

@@ -77,6 +77,7 @@ def _state_dict(model) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.slow
 def test_import_export_matches_monai(case):
     model = _monai(case)
     sd = _state_dict(model)

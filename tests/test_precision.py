@@ -85,6 +85,7 @@ def _grads(module, params, x):
     return jax.grad(lambda p: jnp.sum(jnp.square(module.apply(p, x).astype(jnp.float32))))(params)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_gives_float32_weight_gradients():
     x = jax.random.normal(jax.random.PRNGKey(0), (32, 40, 64))
     mixed = precision.Dense((3, 4, 16), dtype=jnp.bfloat16)
@@ -108,6 +109,7 @@ def test_bfloat16_compute_gives_float32_weight_gradients():
 
 
 @pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable", True])
+@pytest.mark.slow
 def test_remat_policies_keep_the_gradients(policy):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
     kw = dict(patch_size=(8, 8), width=32, depth=2, num_heads=2, mlp_dim=64)

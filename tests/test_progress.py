@@ -67,6 +67,7 @@ def test_wrote_line_names_sizes_and_paths(tmp_path):
     assert console.human_bytes(144_300_000) == "144 MB" and console.human_bytes(999) == "999 B"
 
 
+@pytest.mark.slow
 def test_train_progress_follows_the_terminal_and_the_flag(tmp_path, monkeypatch):
     code, out, err = _run(monkeypatch, True, "train", *TRAIN_2D, "--workdir", tmp_path / "a")
     assert code == 0, err

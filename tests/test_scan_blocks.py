@@ -30,6 +30,7 @@ def _max_rel(a, b):
 
 
 @pytest.mark.parametrize("spatial,patch", [((16, 16), (4, 4)), ((8, 8, 8), (4, 4, 4))])
+@pytest.mark.slow
 def test_vit_scanned_equals_unrolled_in_layout_outputs_and_gradients(spatial, patch):
     x = jax.random.normal(jax.random.key(1), (2, *spatial, 2))
     unrolled, scanned = ViT(patch, **TINY), ViT(patch, **TINY, scan_blocks=True)
@@ -61,6 +62,7 @@ def test_scanned_training_uses_per_layer_drop_path():
     assert np.all(np.isfinite(out))
 
 
+@pytest.mark.slow
 def test_mae_with_scanned_encoder_and_decoder_loads_unrolled_parameters():
     encoder = dict(patch_size=(4, 4), **TINY)
     images = jax.random.normal(jax.random.key(3), (2, 16, 16, 1))

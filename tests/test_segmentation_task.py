@@ -178,6 +178,7 @@ def test_init_from_mae_copies_the_encoder(tmp_path):
         get_task(config).initial_params(fresh)
 
 
+@pytest.mark.slow
 def test_quick_synthetic_finetune_and_eval(tmp_path):
     from medmae_jax.train.trainer import train_and_evaluate
     config = load_config(BTCV_QUICK)

@@ -1,6 +1,7 @@
 """One train step under data=8 and fsdp=8 (8 CPU devices, in a subprocess) equals the one-device step."""
 
 import numpy as np
+import pytest
 from conftest import run_python
 
 STEP = """
@@ -63,6 +64,7 @@ def _compare(ref, other):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale, err_msg=k)
 
 
+@pytest.mark.slow
 def test_data_and_fsdp_match_one_device(tmp_path):
     ref, info1 = _run(tmp_path, 1, 1, 1)
     data8, info_d = _run(tmp_path, 8, 8, 1)
@@ -81,6 +83,7 @@ def test_data_and_fsdp_match_one_device(tmp_path):
     assert info_f["shard_bytes"] * 8 == info_f["full_bytes"]
 
 
+@pytest.mark.slow
 def test_fsdp_3d_matches_one_device(tmp_path):
     ref, _ = _run(tmp_path, 1, 1, 1, dims=3)
     mixed, info = _run(tmp_path, 8, 2, 4, dims=3)

@@ -6,6 +6,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from conftest import REPO, tiny_pretrain_config
 from PIL import Image
 
@@ -42,6 +43,7 @@ def _check_rates_and_config(tags, batch_size: int, task: str):
     assert "_hparams_/experiment" in tags and "_hparams_/session_start_info" in tags
 
 
+@pytest.mark.slow
 def test_mae_2d_run_writes_reconstructions_rates_and_config(tmp_path):
     c = tiny_pretrain_config(2, steps=4)
     result = train_and_evaluate(c, str(tmp_path))
@@ -56,6 +58,7 @@ def test_mae_2d_run_writes_reconstructions_rates_and_config(tmp_path):
     assert image.shape[0] > 3 * 32 and image.shape[2] == 3
 
 
+@pytest.mark.slow
 def test_unetr_run_writes_an_overlay(tmp_path):
     c = load_config(f"{REPO}/configs/btcv_unetr.py:quick,data=synthetic")
     c.num_train_steps, c.batch_size, c.data.num_eval = 2, 1, 1

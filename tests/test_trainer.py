@@ -44,6 +44,7 @@ np.savez("{out}", losses=np.asarray(r.losses), first=r.first_step,
 
 
 @pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_straight_run(tmp_path, dims):
     n = 4
     straight = tmp_path / "straight.npz"
@@ -63,6 +64,7 @@ def test_sigkill_then_resume_equals_straight_run(tmp_path, dims):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step(tmp_path):
     workdir = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -88,6 +90,7 @@ def test_sigterm_saves_the_current_step(tmp_path):
     assert max(logged) <= steps[0]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = tiny_pretrain_config(2, steps=3)
     c.checkpoint.every_steps = 3
@@ -106,6 +109,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         assert np.all(np.isfinite(b))
 
 
+@pytest.mark.slow
 def test_metrics_and_tensorboard_are_written(tmp_path):
     c = tiny_pretrain_config(3, steps=4)
     result = train_and_evaluate(c, str(tmp_path))
@@ -121,6 +125,7 @@ def test_metrics_and_tensorboard_are_written(tmp_path):
     assert again.first_step == 4 and again.losses == []
 
 
+@pytest.mark.slow
 def test_resume_with_another_seed_is_refused(tmp_path):
     c = tiny_pretrain_config(2, steps=2)
     train_and_evaluate(c, str(tmp_path))

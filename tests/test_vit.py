@@ -59,6 +59,7 @@ def test_variant_parsing():
         parse_variant("X/16")
 
 
+@pytest.mark.slow
 def test_intermediates_and_shapes_2d_and_3d():
     for shape, patch in [((2, 32, 32, 1), (8, 8)), ((2, 16, 16, 16, 4), (8, 8, 8))]:
         model = ViT(patch_size=patch, width=48, depth=3, num_heads=3, mlp_dim=96)
