@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from medmae_jax.cli.common import load_for_run
 from medmae_jax.console import print_wrote, progress_bar
 
 HELP = "evaluate a checkpoint: per-class Dice/HD95 (segmentation) or the task's metrics; --output JSON, --figures DIR"
@@ -48,13 +49,7 @@ def checkpoint_path(path: str, best: bool = False) -> str:
 
 def load_config(args, overrides):
     """``--config`` (if given) or the checkpoint's config, with ``--config.key=value`` overrides applied."""
-    from medmae_jax.config_loading import apply_override
-    from medmae_jax.config_loading import load_config as load_file
-    from medmae_jax.train.checkpoint import config_from_checkpoint
-    config = load_file(args.config) if args.config else config_from_checkpoint(args.checkpoint)
-    for assignment in overrides:
-        apply_override(config, assignment)
-    return config
+    return load_for_run(args, args.checkpoint, overrides)
 
 
 def run(args, overrides) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+from medmae_jax.cli.common import load_for_run
 from medmae_jax.console import file_output, print_wrote
 
 HELP = "loss and gradients of a run's train step at --step N (its checkpoint, step N's global batch) to an .npz"
@@ -32,17 +33,6 @@ def add_arguments(parser):
                              "per tensor to ~1e-10 instead of float32 rounding")
 
 
-def load_config(args, overrides):
-    """``--config`` (if given) or the workdir's saved config, with ``--config.key=value`` overrides applied."""
-    from medmae_jax.config_loading import apply_override
-    from medmae_jax.config_loading import load_config as load_file
-    from medmae_jax.train.checkpoint import config_from_checkpoint
-    config = load_file(args.config) if args.config else config_from_checkpoint(args.workdir)
-    for assignment in overrides:
-        apply_override(config, assignment)
-    return config
-
-
 def run(args, overrides) -> int:
     import optax
 
@@ -50,7 +40,7 @@ def run(args, overrides) -> int:
     from medmae_jax.train.trainer import Trainer
     if args.float64:
         gradients.enable_float64()  # before the Trainer makes any array
-    trainer = Trainer(load_config(args, overrides), args.workdir)
+    trainer = Trainer(load_for_run(args, args.workdir, overrides), args.workdir)
     results = gradients.gradients_at(trainer, args.step, float64=args.float64)
     gradients.save(args.out, results)
     print(json.dumps({"steps": sorted(results), "loss": {s: r["loss"] for s, r in results.items()},
