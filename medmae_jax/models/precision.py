@@ -44,7 +44,7 @@ def resolve_dtype(name: str, backend: str | None = None):
         backend = backend or jax.default_backend()
         return jnp.float32 if backend == "cpu" else jnp.bfloat16
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use 'auto' or one of {sorted(DTYPES)}")
+        raise ConfigError(f"model.dtype or param_dtype: unknown dtype {name!r}; use 'auto' or one of {sorted(DTYPES)}")
     if name == "float64" and not jax.config.jax_enable_x64:
         raise ConfigError("model.dtype/model.param_dtype 'float64' needs 64-bit JAX, which is off (JAX would "
                           "compute in float32): enable it before any array is made (JAX_ENABLE_X64=1, or "
@@ -86,7 +86,7 @@ def resolve_attention(name: str, dtype, head_dim: int, backend: str | None = Non
     """Implementation for ``jax.nn.dot_product_attention``: cuDNN on GPU in 16-bit where its kernels apply
     (head dim a multiple of 8, at most 128), XLA (None) elsewhere."""
     if name not in ATTENTION:
-        raise ValueError(f"unknown attention implementation {name!r}; use one of {ATTENTION}")
+        raise ConfigError(f"unknown attention implementation {name!r}; use one of {ATTENTION}")
     if name == "auto":
         backend = backend or jax.default_backend()
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -113,7 +113,7 @@ def remat_policy_name(remat: bool | str) -> str:
     name = {True: "full", False: "none"}[remat] if isinstance(remat, bool) else str(remat)
     name = {"true": "full", "false": "none"}.get(name.lower(), name)
     if name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {remat!r}; use one of {sorted(REMAT_POLICIES)} (or true/false)")
+        raise ConfigError(f"unknown remat policy {remat!r}; use one of {sorted(REMAT_POLICIES)} (or true/false)")
     return name
 
 
