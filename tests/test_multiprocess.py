@@ -157,8 +157,8 @@ def _assert_gradients_match(single, tmp_path):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_two_processes_match_one_process(tmp_path, single_runs, name):
     """2 x 2 devices = 1 x 4 devices for MAE, UNETR and classification: losses, evaluation, parameters (UNETR:
-    gradients, see _compare_runs); each process loads its own half of every global batch; process 0 alone writes;
-    the MAE run stops at step 2 and resumes."""
+    gradients, see _assert_gradients_match); each process loads its own half of every global batch; process 0
+    alone writes; the MAE run stops at step 2 and resumes."""
     multi = tmp_path / "multi"
     reports = _launch(multi, CONFIGS[name], f"--config.num_train_steps={STEPS}",
                       f"--config.checkpoint.every_steps={STEPS // 2}")
